@@ -159,6 +159,7 @@ def write_summary_rows(rows: Iterable[Mapping[str, Any]], path: Path | None = No
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(merged)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600; results are meant to be shared
     os.replace(f.name, path)
     return new
 
@@ -168,6 +169,7 @@ def write_summary_rows(rows: Iterable[Mapping[str, Any]], path: Path | None = No
 def _atomic_write_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         f.write(text)
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
