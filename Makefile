@@ -17,6 +17,7 @@ KERNEL := ddlab
 SCALE  ?= quick
 ONLY   ?=
 DEVICE ?= auto
+CONFIG ?=
 
 # make test never touches the committed results/
 TEST_RESULTS := $(CURDIR)/.pytest_results
@@ -60,7 +61,7 @@ $(STAMP): requirements.txt pyproject.toml
 # driver's exit status is kept.
 reproduce: $(STAMP)
 	@rc=0; \
-	$(PY) -m ddlib.reproduce --scale "$(SCALE)" --only "$(ONLY)" --device "$(DEVICE)" || rc=$$?; \
+	$(PY) -m ddlib.reproduce --scale "$(SCALE)" --only "$(ONLY)" --device "$(DEVICE)" --config "$(CONFIG)" || rc=$$?; \
 	$(PY) -m ddlib.readme; \
 	exit $$rc
 

@@ -196,8 +196,11 @@ def output_path(results_dir: Path, scale: str, notebook: Notebook, tag: str | No
 
 
 def plan(notebooks: list[Notebook], scale: str, configs_dir: Path, results_dir: Path,
-         device: str = "auto") -> tuple[list[Job], list[str]]:
-    """Build (and validate) every run of the batch; return ``(jobs, notes)``. Runs nothing."""
+         device: str = "auto", config: str | None = None) -> tuple[list[Job], list[str]]:
+    """Build (and validate) every run of the batch; return ``(jobs, notes)``. Runs nothing.
+
+    ``config`` (a file stem such as ``paper_fixed_init``) restricts a paper-scale batch to that file.
+    """
     check_scale(scale)
     jobs: list[Job] = []
     notes: list[str] = []
@@ -214,14 +217,16 @@ def plan(notebooks: list[Notebook], scale: str, configs_dir: Path, results_dir: 
                             output_path(results_dir, scale, nb, None)))
             continue
         files = config_files(configs_dir, nb)
+        if config:
+            files = [f for f in files if f.stem == config]
         if not files:
             notes.append(f"{nb.name}: no {scale}-scale configs in {configs_dir / nb.number}/, skipped")
             continue
         for path in files:
-            config = load_config(path)
-            check_config(config, path, nb, declared)
+            values = load_config(path)
+            check_config(values, path, nb, declared)
             tag = path.stem
-            wanted = {"tag": tag, **config, **base, "scale": scale}
+            wanted = {"tag": tag, **values, **base, "scale": scale}
             jobs.append(Job(nb, scale, tag, injected(wanted, declared),
                             output_path(results_dir, scale, nb, tag), config=path))
     return jobs, notes
@@ -338,7 +343,7 @@ def _pretty(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def reproduce(scale: str = "quick", only: str | None = None, device: str = "auto", *,
+def reproduce(scale: str = "quick", only: str | None = None, device: str = "auto", *, config: str | None = None,
               notebooks_dir: Path, configs_dir: Path, results_dir: Path, write_back_ok: bool = False,
               log_output: bool = False, progress_bar: bool = False, echo=print) -> int:
     """Plan, validate and run a batch; return the exit status (0 when every run succeeded).
@@ -348,11 +353,16 @@ def reproduce(scale: str = "quick", only: str | None = None, device: str = "auto
     check_scale(scale)
     if write_back_ok and (scale != "quick" or (device and device != "auto")):
         raise ReproduceError("--write-back needs --scale quick and --device auto: only default runs are committed")
+    if config and scale == "quick":
+        raise ReproduceError(f"--config {config} selects a paper-scale file; quick mode runs the notebook defaults")
     notebooks = select_notebooks(discover_notebooks(notebooks_dir), only)
     if not notebooks:
         echo(f"no notebooks matching NN_name.ipynb in {notebooks_dir}; nothing to run")
         return 0
-    jobs, notes = plan(notebooks, scale, configs_dir, results_dir, device)
+    jobs, notes = plan(notebooks, scale, configs_dir, results_dir, device, config)
+    if config and not jobs:
+        available = sorted({f.stem for nb in notebooks for f in config_files(configs_dir, nb)})
+        raise ReproduceError(f"no config named {config!r} for the selected notebooks; available: {available}")
     for note in notes:
         echo(f"note: {note}")
     if not jobs:
@@ -379,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="quick", help=f"one of {', '.join(SCALES)} (default quick)")
     p.add_argument("--only", default="", help="notebook numbers, e.g. 01 or 01,02 (default: all)")
     p.add_argument("--device", default="auto", help="passed as the `device` parameter unless auto")
+    p.add_argument("--config", default="", help="paper scale: run only configs/NN/<CONFIG>.yaml (a file stem)")
     p.add_argument("--write-back", action="store_true",
                    help="copy each stripped executed notebook over notebooks/ (quick scale, defaults only)")
     p.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
@@ -394,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return reproduce(
-            args.scale, args.only, args.device,
+            args.scale, args.only, args.device, config=args.config or None,
             notebooks_dir=args.notebooks, configs_dir=args.configs,
             results_dir=args.results or results_root(), write_back_ok=args.write_back,
             log_output=args.log_output, progress_bar=sys.stderr.isatty() and not args.log_output,

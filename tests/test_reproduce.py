@@ -178,3 +178,42 @@ def test_repository_readme_is_up_to_date():
     if not doc.exists() or readme.START not in doc.read_text():
         pytest.skip("README.md has no results block yet")
     assert readme.main(["--check"]) == 0, "run `make readme` (python -m ddlib.readme)"
+
+
+def test_every_parameter_of_the_real_notebooks_is_visible_to_papermill():
+    """papermill silently skips a parameters-cell line it cannot parse (e.g. a comma in the comment);
+    such a parameter could then never be set from a config file."""
+    import ast
+
+    import nbformat
+    import papermill
+
+    from ddlib.results import repo_root
+
+    for path in sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+        assert assigned == set(papermill.inspect_notebook(str(path))), path.name
+
+
+def test_config_filter_selects_one_paper_file(tmp_path):
+    from ddlib.reproduce import ReproduceError, reproduce
+
+    nb_dir, cfg_dir = tmp_path / "notebooks", tmp_path / "configs"
+    nb_dir.mkdir()
+    (cfg_dir / "01").mkdir(parents=True)
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    cell = nbformat.v4.new_code_cell("alpha = 1")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells.append(cell)
+    nbformat.write(nb, nb_dir / "01_demo.ipynb")
+    (cfg_dir / "01" / "paper_a.yaml").write_text("alpha: 2\n")
+    with pytest.raises(ReproduceError, match="available: \\['paper_a'\\]"):
+        reproduce("paper", None, config="paper_b", notebooks_dir=nb_dir, configs_dir=cfg_dir, results_dir=tmp_path / "r")
+    with pytest.raises(ReproduceError, match="quick mode"):
+        reproduce("quick", None, config="paper_a", notebooks_dir=nb_dir, configs_dir=cfg_dir, results_dir=tmp_path / "r")
