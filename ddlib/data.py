@@ -23,9 +23,11 @@ Conventions:
   them extracted, so we decompress them (locally, no network) into a cache folder
   (``$DDLIB_CACHE`` or ``~/.cache/ddlib``), never into the data root, which may be shared or
   read-only.
-- The CIFAR python batches are pickles. They are unpickled by torchvision, and only after
-  torchvision has checked their MD5 against the official release, so only the official files
-  are ever unpickled.
+- The CIFAR python batches are pickles. We read them with a restricted unpickler that can only
+  rebuild plain containers and NumPy arrays (:class:`_ArrayOnlyUnpickler`): a file that asks for
+  any other class or function is refused, so no code from the file can run. (torchvision would
+  unpickle without restriction after an MD5 check; our reader also works for subsets and for the
+  tiny files the tests write.)
 - ``mean``/``std`` are computed per channel from the loaded *full* train split scaled to [0, 1]
   (not the published constants, and not affected by ``train_limit``), so that every dataset,
   including digits, is normalised the same way.
@@ -37,6 +39,7 @@ import difflib
 import gzip
 import hashlib
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -311,11 +314,48 @@ def _read_torchvision(name: str, root: Path, download: bool) -> tuple:
     if name == "svhn":
         tr, te = tvd.SVHN(str(root), split="train", download=download), tvd.SVHN(str(root), split="test", download=download)
         return (tr.data, tr.labels, te.data, te.labels, _DIGIT_NAMES, 255.0)
-    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    tr, te = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
-    # torchvision stores CIFAR as (N, H, W, C) uint8; we want (N, C, H, W)
-    return (tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets), te.data.transpose(0, 3, 1, 2),
-            np.asarray(te.targets), tuple(tr.classes), 255.0)
+    if download:  # torchvision fetches and unpacks the official archive (and checks its MD5)
+        (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(root), train=True, download=True)
+    return _read_cifar(name, root)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays, and nothing else."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only arrays and lists")
+
+
+def _load_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = _ArrayOnlyUnpickler(f, encoding="latin1").load()  # the official files come from Python 2
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _read_cifar(name: str, root: Path) -> tuple:
+    """CIFAR-10/100 python batches: rows of 3072 uint8 (1024 red, 1024 green, 1024 blue)."""
+    sub, files = _CIFAR_FILES[name]
+    folder = root / sub
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    meta_file, names_key = ("batches.meta", "label_names") if name == "cifar10" else ("meta", "fine_label_names")
+    train_files = [f for f in files if f.startswith("data_batch")] if name == "cifar10" else ["train"]
+    test_file = "test_batch" if name == "cifar10" else "test"
+
+    def read(batch_names):
+        batches = [_load_batch(folder / b) for b in batch_names]
+        x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        return x, y
+
+    x_tr, y_tr = read(train_files)
+    x_te, y_te = read([test_file])
+    class_names = tuple(str(n) for n in _load_batch(folder / meta_file)[names_key])
+    return x_tr, y_tr, x_te, y_te, class_names, 255.0
 
 
 # --------------------------------------------------------------------------- subsets

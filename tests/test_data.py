@@ -200,11 +200,7 @@ def test_tiny_fashion_mnist(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- tiny CIFAR-10 (pickle batches)
 
 
-def test_tiny_cifar10_in_torchvision_layout(tmp_path, monkeypatch):
-    # Our fake batches cannot match the official MD5s that torchvision checks before unpickling.
-    import torchvision.datasets.cifar as tv_cifar
-
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+def test_tiny_cifar10_in_torchvision_layout(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -229,3 +225,22 @@ def test_tiny_cifar10_in_torchvision_layout(tmp_path, monkeypatch):
     pixels = torch.round(ds.denormalise(ds.x_test) * 255)
     expected = torch.as_tensor(batches["test_batch"][0].reshape(4, 3, 32, 32), dtype=torch.float32)
     assert torch.equal(pixels, expected)  # channels in CHW order, not scrambled
+
+
+def test_cifar_reader_refuses_pickles_that_carry_code(tmp_path):
+    """A batch file that would call a function when unpickled is refused before anything runs."""
+    import os as _os
+
+    class Exploit:
+        def __reduce__(self):
+            return (_os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": Exploit(), "labels": [0]}, f)
+    with pytest.raises(Exception, match="refusing to load"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not (tmp_path / "pwned").exists()
