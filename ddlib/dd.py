@@ -148,10 +148,15 @@ def fixed_init(model: nn.Module) -> InitSampler:
 
 
 def random_init(make_model: Callable[[], nn.Module], generator_seed: int = 0, device="cpu") -> InitSampler:
-    """Eq. (3-4): a fresh theta_0 ~ p(theta_0) at every call, reproducible from ``generator_seed``."""
+    """Eq. (3-4): a fresh theta_0 ~ p(theta_0) at every call, reproducible from ``generator_seed``.
+
+    Init i is seeded with (generator_seed + 1) * 1_000_003 + i: for seeds below 10^6 this range never
+    meets the evaluation networks of :func:`ddlib.train.evaluate_protocol` (seeded seed + k), so a
+    distilled set is never evaluated on a network it was trained on.
+    """
     def sample(i: int) -> dict[str, Tensor]:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator_seed * 1_000_003 + i)
+            torch.manual_seed((generator_seed + 1) * 1_000_003 + i)
             return init_params(make_model().to(device))
     return sample
 
