@@ -97,8 +97,9 @@ test-notebooks: $(STAMP)
 kernel: $(STAMP)
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))"
 
+# Jupyter refuses to run as root unless told to (containers, CI machines): pass it only then.
 lab: kernel
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS) $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 bench: $(STAMP)
 	@set -e; \
