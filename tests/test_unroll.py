@@ -147,3 +147,23 @@ def test_lowmem_memory_is_flat_in_steps():
     assert full_40 > 3.5 * full_10          # the full graph grows linearly with the number of steps
     assert low_40 <= 1.1 * low_10 + 1024    # the low-memory graph holds no per-step activations
     assert low_40 < 0.1 * full_40
+
+
+def test_cpu_conv_backend_switch_is_scoped_and_exact():
+    """Small-channel convnets run their ddlib-driven steps on the native kernels; the global
+    oneDNN setting is untouched afterwards, and gradients match the oneDNN path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x_syn = torch.randn(6, 1, 6, 6, requires_grad=True)
+    y_syn = torch.arange(6) % 3
+    x_real, y_real = torch.randn(8, 1, 6, 6), torch.arange(8) % 3
+    batches = dd_schedule(2, 2, 3)
+    lrs = torch.full((4,), 0.1, requires_grad=True)
+    grads = {}
+    before = torch.backends.mkldnn.enabled
+    for mode in ("full", "lowmem"):
+        final = unroll(model, init_params(model), x_syn, y_syn, lrs, batches, mode=mode)
+        grads[mode] = torch.autograd.grad(_outer_loss(model, final, x_real, y_real), (x_syn, lrs))
+        assert torch.backends.mkldnn.enabled == before
+    for a, b in zip(grads["full"], grads["lowmem"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
