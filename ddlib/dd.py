@@ -50,6 +50,7 @@ class DDConfig:
     decay_every: int = 2360      # halve the outer lr every this many iterations (40 MNIST epochs)
     decay_factor: float = 0.5
     real_batch: int = 1024       # real images per outer iteration
+    real_chunk: int = 0          # >0: evaluate the real-data loss in chunks of this size (same gradient, less memory)
     nets_per_iter: int = 1       # initialisations averaged per outer iteration (random init: > 1)
     unroll_mode: str = "full"    # "full" or "lowmem" (same gradient, flat memory in the steps)
     checkpoint_every: int = 500  # iterations between checkpoints (0: never)
@@ -58,6 +59,8 @@ class DDConfig:
         for name in ("ipc", "distill_steps", "distill_epochs", "outer_iters", "real_batch", "nets_per_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.real_chunk < 0:
+            raise ValueError(f"real_chunk={self.real_chunk} must be >= 0 (0: the whole real batch at once)")
         for name in ("lr_init", "outer_lr"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -240,12 +243,10 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
         idx = torch.randint(n_real, (min(cfg.real_batch, n_real),), generator=generator).to(device)
         xb, yb = x_real[idx], y_real[idx]
         total = 0.0
-        for k in range(cfg.nets_per_iter):
+        for k in range(cfg.nets_per_iter):  # gradients of the nets accumulate in .grad
             theta0 = sample_init(it * cfg.nets_per_iter + k)
             theta_T = unroll(model, theta0, x_syn, y_syn, F.softplus(raw_lrs), batches, mode=cfg.unroll_mode)
-            loss = outer_loss(model, theta_T, xb, yb) / cfg.nets_per_iter
-            loss.backward()
-            total = total + loss.detach()
+            total = total + _outer_backward(model, theta_T, xb, yb, outer_loss, cfg.real_chunk, 1 / cfg.nets_per_iter)
         log.losses.append(total)
         # A host sync every 50 iterations is enough to catch divergence without slowing the loop.
         if it % 50 == 0 or it == cfg.outer_iters - 1:
@@ -264,6 +265,29 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
     result = DistilledSet(x_syn.detach(), y_syn, raw_lrs.detach(), distilled.distill_steps, distilled.distill_epochs,
                           {**distilled.meta, **asdict(cfg)})
     return result, log
+
+
+def _outer_backward(model, theta_T, xb, yb, outer_loss, chunk: int, scale: float = 1.0) -> Tensor:
+    """Back-propagate ``scale`` x the real-data loss of theta_T to the distilled set (scale: 1 / nets).
+
+    With ``chunk`` the loss is evaluated on slices of the real batch: the gradient with respect to
+    theta_T is accumulated slice by slice on a detached copy, then pushed through the unroll once.
+    For a loss that is a mean over examples this is the same gradient with the real batch's
+    activation memory cut to one slice. Returns the scaled loss value (detached).
+    """
+    if not chunk or chunk >= xb.shape[0]:
+        loss = outer_loss(model, theta_T, xb, yb) * scale
+        loss.backward()
+        return loss.detach()
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta_T.items()}
+    total = torch.zeros((), device=xb.device)
+    for start in range(0, xb.shape[0], chunk):
+        xs, ys = xb[start:start + chunk], yb[start:start + chunk]
+        part = outer_loss(model, leaves, xs, ys) * (scale * xs.shape[0] / xb.shape[0])
+        part.backward()
+        total = total + part.detach()
+    torch.autograd.backward(list(theta_T.values()), [leaves[k].grad for k in theta_T])
+    return total
 
 
 def _fail_nonfinite(it, cfg, last_good, y_syn, distilled, ckpt, opt, sched, generator, log):

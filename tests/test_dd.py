@@ -149,3 +149,19 @@ def test_checkpoint_key_ignores_only_the_run_length():
     assert dd.config_key(_cfg(outer_iters=999, checkpoint_every=7), dataset="digits") == base
     assert dd.config_key(_cfg(outer_lr=0.5), dataset="digits") != base
     assert dd.config_key(_cfg(), dataset="mnist") != base
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_chunked_real_loss_gives_the_same_distillation(nets):
+    x, y = _blobs(n=96)
+    out = {}
+    for chunk in (0, 25):
+        net = _mlp()
+        sampler = dd.random_init(lambda: _mlp(seed=5), generator_seed=1) if nets > 1 else dd.fixed_init(net)
+        g = torch.Generator().manual_seed(0)
+        out[chunk] = dd.distill(net, sampler, x, y, _cfg(outer_iters=4, real_batch=96, real_chunk=chunk,
+                                                         nets_per_iter=nets), 3, generator=g, progress=False)
+    assert torch.allclose(out[0][0].x, out[25][0].x, atol=1e-5)
+    assert torch.allclose(out[0][1].loss_curve(), out[25][1].loss_curve(), atol=1e-5)
+    with pytest.raises(ValueError, match="real_chunk"):
+        _cfg(real_chunk=-1).validate()
