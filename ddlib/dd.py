@@ -179,13 +179,17 @@ def cross_entropy_outer(model: nn.Module, params: Mapping[str, Tensor], x: Tenso
 
 # ----------------------------------------------------------------------------- the outer loop
 
+_NOT_IN_KEY = ("outer_iters", "checkpoint_every", "real_chunk")
+
+
 def config_key(cfg: DDConfig, **extra) -> str:
     """A short hash of everything that shapes the trajectory: checkpoints resume only for the same key.
 
-    ``outer_iters`` and ``checkpoint_every`` are left out on purpose: the same run can be resumed
-    to go further (or stopped earlier) without starting again.
+    Fields that do not change the trajectory are left out on purpose: ``outer_iters`` and
+    ``checkpoint_every`` (the same run can be resumed to go further, or stopped earlier) and
+    ``real_chunk`` (the same gradient computed in slices).
     """
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("outer_iters", "checkpoint_every")}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
     blob = json.dumps({**fields, **{k: str(v) for k, v in extra.items()}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
