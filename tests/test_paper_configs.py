@@ -8,7 +8,7 @@ import yaml
 
 from ddlib.results import repo_root
 
-from .fake_data import write_cifar10
+from fake_data import write_cifar10  # tests/ is on sys.path (pytest rootdir-relative import)
 
 # Per notebook: parameter overrides that shrink a run to seconds without changing its code path.
 TINY = {
