@@ -196,11 +196,16 @@ def config_key(cfg: DDConfig, **extra) -> str:
 
 @dataclass
 class DistillLog:
-    """Per-iteration outer loss (a tensor, synced once at the end) and wall time."""
+    """Per-iteration outer loss (a tensor, synced once at the end) and wall time.
+
+    ``seconds`` is the distillation's whole wall time, including the runs it resumed from
+    (``resumed_seconds`` of it, up to iteration ``resumed_from``).
+    """
 
     losses: list = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    resumed_seconds: float = 0.0
 
     def loss_curve(self) -> Tensor:
         return torch.stack(self.losses).cpu() if self.losses else torch.empty(0)
@@ -260,7 +265,8 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
         opt.step()
         sched.step()
         if ckpt is not None and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, x_syn, raw_lrs, opt, sched, generator, it + 1, log)
+            _save_checkpoint(ckpt, x_syn, raw_lrs, opt, sched, generator, it + 1, log,
+                             seconds=log.seconds + time.perf_counter() - t0)
     log.seconds += time.perf_counter() - t0
     if log.losses and not torch.isfinite(log.losses[-1]):
         _fail_nonfinite(cfg.outer_iters - 1, cfg, last_good, y_syn, distilled, ckpt, opt, sched, generator, log)
@@ -307,7 +313,8 @@ def _fail_nonfinite(it, cfg, last_good, y_syn, distilled, ckpt, opt, sched, gene
         f"Lower lr_init (now {cfg.lr_init}) or outer_lr (now {cfg.outer_lr}).{where}")
 
 
-def _save_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, iteration: int, log: DistillLog):
+def _save_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, iteration: int, log: DistillLog,
+                     seconds: float | None = None):
     tensors = {"x_syn": x_syn.detach().cpu().contiguous(), "raw_lrs": raw_lrs.detach().cpu().contiguous(),
                "losses": log.loss_curve().float().contiguous()}
     for i, state in opt.state_dict()["state"].items():
@@ -315,7 +322,8 @@ def _save_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, iteratio
             tensors[f"opt.{i}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     if generator is not None:
         tensors["generator"] = generator.get_state()
-    meta = {"iteration": str(iteration), "scheduler": json.dumps(sched.state_dict()), "seconds": str(log.seconds)}
+    seconds = log.seconds if seconds is None else seconds  # wall time up to this iteration
+    meta = {"iteration": str(iteration), "scheduler": json.dumps(sched.state_dict()), "seconds": str(seconds)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -343,7 +351,7 @@ def _load_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, log: Dis
     if generator is not None and "generator" in t:
         generator.set_state(t["generator"])
     log.losses = list(t["losses"].to(x_syn.device).unbind()) if t["losses"].numel() else []
-    log.seconds = float(meta.get("seconds", 0.0))
+    log.seconds = log.resumed_seconds = float(meta.get("seconds", 0.0))
     log.resumed_from = int(meta["iteration"])
     return log.resumed_from
 

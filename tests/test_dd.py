@@ -76,6 +76,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert torch.allclose(resumed.x, reference.x, atol=1e-6)
     assert torch.allclose(resumed.raw_lrs, reference.raw_lrs, atol=1e-6)
     assert torch.allclose(log.loss_curve(), ref_log.loss_curve(), atol=1e-6)
+    # the wall time covers the interrupted part too (what the notebooks report as `seconds`)
+    assert 0 < log.resumed_seconds < log.seconds
 
 
 def test_nan_loss_names_the_lr_and_keeps_the_last_good_set(tmp_path):
