@@ -7,6 +7,7 @@ One flat module per job:
 - ``models``   ``build(name, input_shape, num_classes)`` for MLP, LeNet, ConvNet, AlexNet, VGG11, ResNet18
 - ``unroll``   the differentiable SGD inner loop shared by every distillation method
 - ``augment``  differentiable siamese augmentation (DSA) with explicit seeds, for unrolls and training
+- ``zca``      ZCA whitening (kornia) fitted on training images, batched, saved to safetensors
 - ``train``    ordinary training, accuracy, and the K-network evaluation protocol
 - ``results``  run folders, metrics, figures, image grids and ``results/summary.csv``
 - ``linear``   closed-form least squares and the one-step distilled sets of Wang et al. (2018), sec. 3.4
