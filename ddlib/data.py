@@ -13,6 +13,11 @@ torchvision's own folder layout::
     <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
     <root>/cifar-100-python/{train,test,meta}
 
+Tiny ImageNet and the 128x128 ImageNet subsets of Cazenavette et al. 2022 (ImageNette, ImageWoof,
+ImageFruit, ImageMeow, ImageSquawk, ImageYellow) are read from image folders by
+:mod:`ddlib.imagefolders` (layouts there: ``<root>/tiny-imagenet-200/`` and an ImageNet-style
+``<root>/imagenet/{train,val}/<wnid>/``), decoded once with PIL and cached as uint8 safetensors.
+
 Conventions:
 
 - Files are checked *before* torchvision is called; a missing file gives one
@@ -52,7 +57,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "usps", "svhn", "cifar10", "cifar100")
+DATASETS = ("digits", "mnist", "fashion_mnist", "usps", "svhn", "cifar10", "cifar100",
+            "tinyimagenet", "imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
 
 # Spellings accepted by load_dataset, after lower-casing and dropping "-", "_", " ".
 _ALIASES = {
@@ -63,6 +69,9 @@ _ALIASES = {
     "svhn": "svhn",
     "cifar10": "cifar10",
     "cifar100": "cifar100",
+    "tinyimagenet": "tinyimagenet", "tiny": "tinyimagenet", "tinyimagenet200": "tinyimagenet",
+    "imagenette": "imagenette", "imagewoof": "imagewoof", "imagefruit": "imagefruit",
+    "imagemeow": "imagemeow", "imagesquawk": "imagesquawk", "imageyellow": "imageyellow",
 }
 
 # Where torchvision downloads each dataset from (probed before a download is attempted).
@@ -83,6 +92,8 @@ _CIFAR_FILES = {
                  "test_batch", "batches.meta")),
     "cifar100": ("cifar-100-python", ("train", "test", "meta")),
 }
+_FOLDER_DATASETS = ("tinyimagenet", "imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk",
+                    "imageyellow")  # read by ddlib.imagefolders, not torchvision
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 DIGITS_TEST_SIZE = 450  # digits split: 1347 train / 450 test, stratified, random_state=0
 
@@ -418,6 +429,10 @@ def load_dataset(name: str = "digits", root: str | Path | None = None, device: s
     device = torch.device(device)
     if name == "digits":
         parts = _read_digits()
+    elif name in _FOLDER_DATASETS:  # image folders, decoded once and cached (ddlib.imagefolders)
+        from ddlib.imagefolders import read_folder_dataset
+
+        parts = read_folder_dataset(name, data_root(root), download)
     else:
         root_path = data_root(root)
         want_download = _ensure_files(name, root_path, download)

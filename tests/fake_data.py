@@ -27,3 +27,82 @@ def write_cifar10(root: Path, per_batch: int = 30, test: int = 20, seed: int = 0
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": classes}, f)
     return Path(root)
+
+
+# --------------------------------------------------------------------------- CIFAR-100, Tiny ImageNet, ImageNet
+
+
+def write_cifar100(root: Path, train: int = 200, test: int = 100, seed: int = 0) -> Path:
+    """``root/cifar-100-python`` with ``train``, ``test`` and ``meta`` (fine and coarse labels; the
+    fine label of row i is ``i % 100``, the coarse one ``(i % 100) // 5``)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", train), ("test", test)):
+        rows = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        fine = [i % 100 for i in range(n)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "fine_labels": fine, "coarse_labels": [c // 5 for c in fine]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i:02d}" for i in range(100)],
+                     "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}, f)
+    return Path(root)
+
+
+def _write_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int], mode: str = "RGB") -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path, "JPEG", quality=90)
+
+
+def tiny_wnids(num_classes: int) -> list[str]:
+    """The fake Tiny ImageNet wnids, deliberately not written in sorted order to wnids.txt."""
+    return [f"n{9000000 + 7 * i:08d}" for i in range(num_classes)]
+
+
+def write_tinyimagenet(root: Path, num_classes: int = 10, train_per_class: int = 3, val_per_class: int = 2,
+                       seed: int = 0) -> Path:
+    """``root/tiny-imagenet-200`` in the official layout: ``wnids.txt``, ``words.txt``,
+    ``train/<wnid>/images/<wnid>_<k>.JPEG`` and ``val/images/val_<k>.JPEG`` with
+    ``val/val_annotations.txt``. 64x64 random-pixel JPEGs; one train image per class is greyscale
+    (the real archive has a few). The real dataset has 200 classes, 500 train and 50 val each."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "tiny-imagenet-200"
+    wnids = tiny_wnids(num_classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")
+    (folder / "words.txt").write_text("".join(f"{w}\tthing {i}, other name\n" for i, w in enumerate(wnids)))
+    for w in wnids:
+        for k in range(train_per_class):
+            _write_jpeg(folder / "train" / w / "images" / f"{w}_{k}.JPEG", rng, (64, 64), "L" if k == 0 else "RGB")
+        (folder / "train" / w / f"{w}_boxes.txt").write_text("")
+    lines = []
+    val_classes = rng.permutation(np.arange(val_per_class * num_classes) % num_classes)  # interleaved
+    for k, c in enumerate(val_classes):
+        w = wnids[int(c)]
+        _write_jpeg(folder / "val" / "images" / f"val_{k}.JPEG", rng, (64, 64))
+        lines.append(f"val_{k}.JPEG\t{w}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return Path(root)
+
+
+def write_imagenet(root: Path, class_indices, train_per_class: int = 3, val_per_class: int = 2,
+                   seed: int = 0, num_classes: int = 1000) -> Path:
+    """``root/imagenet/{train,val}`` with ``num_classes`` wnid folders ``n%08d`` (so sorted order
+    is index order): empty except for the classes in ``class_indices``, which get random-pixel
+    JPEGs of assorted non-square sizes."""
+    rng = np.random.default_rng(seed)
+    base = Path(root) / "imagenet"
+    wanted = set(int(i) for i in class_indices)
+    for i in range(num_classes):
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            d = base / split / f"n{i:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            if i in wanted:
+                for k in range(count):
+                    size = (int(rng.integers(140, 200)), int(rng.integers(130, 190)))
+                    _write_jpeg(d / f"n{i:08d}_{k}.JPEG", rng, size)
+    return Path(root)
