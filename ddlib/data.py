@@ -323,11 +323,31 @@ def _read_torchvision(name: str, root: Path, download: bool) -> tuple:
         tr, te = tvd.USPS(str(root), train=True, download=download), tvd.USPS(str(root), train=False, download=download)
         return (tr.data[:, None], np.asarray(tr.targets), te.data[:, None], np.asarray(te.targets), _DIGIT_NAMES, 255.0)
     if name == "svhn":
-        tr, te = tvd.SVHN(str(root), split="train", download=download), tvd.SVHN(str(root), split="test", download=download)
-        return (tr.data, tr.labels, te.data, te.labels, _DIGIT_NAMES, 255.0)
+        if download:  # torchvision fetches the two .mat files (and checks their MD5)
+            tvd.SVHN(str(root), split="train", download=True), tvd.SVHN(str(root), split="test", download=True)
+        return _read_svhn(root)
     if download:  # torchvision fetches and unpacks the official archive (and checks its MD5)
         (tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100)(str(root), train=True, download=True)
     return _read_cifar(name, root)
+
+
+def _read_svhn(root: Path) -> tuple:
+    """SVHN's ``{train,test}_32x32.mat``: ``X`` (32, 32, 3, N) uint8 and ``y`` (N, 1) with digit 0 stored as 10.
+
+    Read with ``scipy.io.loadmat`` (a MATLAB container of arrays; nothing is executed). torchvision's
+    reader would first insist on the full files' MD5, refusing subsets and the tiny files the tests write.
+    """
+    from scipy.io import loadmat
+
+    def read(split):
+        mat = loadmat(str(root / f"{split}_32x32.mat"))
+        x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)))  # (N, C, H, W), as torchvision does
+        y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+        return x, np.where(y == 10, 0, y)
+
+    x_tr, y_tr = read("train")
+    x_te, y_te = read("test")
+    return x_tr, y_tr, x_te, y_te, _DIGIT_NAMES, 255.0
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):

@@ -106,3 +106,50 @@ def write_imagenet(root: Path, class_indices, train_per_class: int = 3, val_per_
                     size = (int(rng.integers(140, 200)), int(rng.integers(130, 190)))
                     _write_jpeg(d / f"n{i:08d}_{k}.JPEG", rng, size)
     return Path(root)
+
+
+def write_mnist(root: Path, train: int = 60, test: int = 30, seed: int = 0, name: str = "MNIST") -> Path:
+    """``root/<name>/raw`` with the four idx files, gzipped as distributed (28x28 uint8, labels i % 10)."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / name / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return Path(root)
+
+
+def write_usps(root: Path, train: int = 60, test: int = 30, seed: int = 0) -> Path:
+    """``root/usps.bz2`` and ``root/usps.t.bz2`` in the libsvm text format torchvision reads: one line per
+    image, ``label 1:v1 ... 256:v256`` with labels 1..10 (digit = label - 1) and 16x16 pixels in [-1, 1]."""
+    import bz2
+
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for filename, n in (("usps.bz2", train), ("usps.t.bz2", test)):
+        pixels = rng.uniform(-1, 1, (n, 256))
+        lines = [f"{i % 10 + 1} " + " ".join(f"{j + 1}:{v:.6f}" for j, v in enumerate(row)) for i, row in enumerate(pixels)]
+        with bz2.open(Path(root) / filename, "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    return Path(root)
+
+
+def write_svhn(root: Path, train: int = 60, test: int = 30, seed: int = 0) -> Path:
+    """``root/{train,test}_32x32.mat`` as distributed: ``X`` (32, 32, 3, N) uint8, ``y`` (N, 1) in 1..10
+    (10 stands for the digit 0). Needs scipy."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("test", test)):
+        x = rng.integers(0, 256, (32, 32, 3, n)).astype(np.uint8)
+        y = (np.arange(n) % 10 + 1).astype(np.uint8).reshape(n, 1)
+        savemat(str(Path(root) / f"{split}_32x32.mat"), {"X": x, "y": y})
+    return Path(root)
