@@ -1,0 +1,244 @@
+"""MKDT: dataset distillation for self-supervised pre-training via knowledge distillation.
+
+Joshi, Ni, Mirzasoleiman (ICLR 2025). A teacher trained with SSL (:mod:`ddlib.ssl`) gives each real image
+a target representation r(x). Students regress those targets with MSE (knowledge distillation, KD);
+their per-epoch parameters are expert trajectories stored like MTT's (:mod:`ddlib.buffers`, objective
+``"mse"``, the teacher's key in the metadata). Distillation is MTT (:func:`ddlib.mtt.distill`) on the KD
+objective, learning the images, their target representations and the student lr, started from the real
+images the experts find hardest (highest KD loss). Evaluation: pre-train a fresh encoder on the distilled
+(images, targets) by MSE, then fit a linear probe on its frozen features with a fraction of the labels.
+
+This module only adds what MKDT needs on top of those: the checks, the KD experts' spec, the high-loss
+selection, the call into MTT, and the pre-train + linear-probe evaluation with its baselines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import buffers, mtt
+from .data import balanced_subset_indices
+from .ssl import Teacher, TeacherMismatchError
+from .train import EvalResult
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_fraction(name: str, value: float) -> float:
+    """``value`` as a float in (0, 1], or a ValueError naming the parameter."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]") from None
+    if not (0.0 < v <= 1.0) or math.isnan(v):
+        raise ValueError(f"{name}={value!r} must be in (0, 1] (a fraction of the training set, e.g. 0.02 for 2%)")
+    return v
+
+
+def subset_size(n: int, fraction: float, name: str = "fraction") -> int:
+    """round(fraction * n), at least 1."""
+    return max(1, int(round(check_fraction(name, fraction) * n)))
+
+
+def check_head(teacher: Teacher, head_width: int) -> None:
+    """The students regress the teacher's representations, so their head must be as wide as them."""
+    if int(head_width) != teacher.width:
+        raise TeacherMismatchError(
+            f"the students' head has {head_width} outputs but the teacher ({teacher.spec.model}, key {teacher.key}) "
+            f"gives {teacher.width}-d representations; set the head width to {teacher.width} or use another teacher")
+
+
+# ----------------------------------------------------------------------------- KD experts
+
+def kd_spec(teacher: Teacher, dataset: str, model: str, input_shape, head_width: int, model_kwargs=None, *,
+            lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, batch_size: int = 256,
+            epochs: int = 20, seed: int = 0, augment: str = "none") -> buffers.ExpertSpec:
+    """The ExpertSpec of MKDT's KD students (paper: SGD lr 0.1, momentum 0.9, wd 1e-4, 20 epochs)."""
+    check_head(teacher, head_width)
+    if teacher.spec.dataset != dataset:
+        raise TeacherMismatchError(f"the teacher was trained on {teacher.spec.dataset!r}, the students on {dataset!r}")
+    return buffers.ExpertSpec(dataset=dataset, model=model, input_shape=tuple(input_shape), num_outputs=int(head_width),
+                              model_kwargs=dict(model_kwargs or {}), augment=augment, objective="mse",
+                              teacher=teacher.key, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              batch_size=batch_size, epochs=epochs, seed=seed)
+
+
+def kd_experts(spec: buffers.ExpertSpec, teacher: Teacher, x: Tensor, targets: Tensor, root: str | Path,
+               num_experts: int, progress: bool = True) -> buffers.ExpertBuffer:
+    """Train (or reuse) the KD experts under ``root`` and return their buffer, checked for this teacher."""
+    if spec.objective != "mse" or spec.teacher != teacher.key:
+        raise buffers.BufferMismatchError(f"the expert spec names teacher {spec.teacher!r} (objective {spec.objective!r}); "
+                                          f"KD experts for this teacher need objective 'mse' and teacher {teacher.key!r}")
+    check_head(teacher, spec.num_outputs)
+    if targets.shape != (x.shape[0], teacher.width):
+        raise ValueError(f"targets must be the teacher's representations, shape ({x.shape[0]}, {teacher.width}); "
+                         f"got {tuple(targets.shape)}")
+    buf = buffers.ensure_experts(spec, x, targets, root, num_experts, progress=progress)
+    return load_kd_buffer(buf.folder, teacher)
+
+
+def load_kd_buffer(folder: str | Path, teacher: Teacher, **expected) -> buffers.ExpertBuffer:
+    """An expert folder, refused (BufferMismatchError) unless it holds KD experts of ``teacher``."""
+    return buffers.load_buffer(folder, objective="mse", teacher=teacher.key, num_outputs=teacher.width, **expected)
+
+
+# ----------------------------------------------------------------------------- high-loss initialisation
+
+@torch.no_grad()
+def kd_losses(model: nn.Module, buffer: buffers.ExpertBuffer, epoch: int, x: Tensor, targets: Tensor,
+              batch_size: int = 1024) -> Tensor:
+    """Per-example KD loss (mean squared error over the target dims) of every expert at ``epoch``,
+    averaged over the experts: shape (N,)."""
+    total = torch.zeros(x.shape[0], device=x.device)
+    was_training = model.training
+    model.eval()
+    for e in range(len(buffer)):
+        params = buffer.params(e, epoch, x.device)
+        for i in range(0, x.shape[0], batch_size):
+            out = functional_call(model, params, (x[i:i + batch_size],))
+            total[i:i + batch_size] += ((out - targets[i:i + batch_size]) ** 2).mean(1)
+    model.train(was_training)
+    return total / len(buffer)
+
+
+def high_loss_indices(losses: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` examples with the highest loss (highest first; ties broken by index)."""
+    if not 1 <= n <= losses.numel():
+        raise ValueError(f"cannot pick {n} of {losses.numel()} examples")
+    order = torch.argsort(-losses.detach().cpu().double(), stable=True)
+    return order[:n].to(losses.device)
+
+
+def random_indices(n_total: int, n: int, seed: int = 0) -> Tensor:
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def distill(model: nn.Module, buffer: buffers.ExpertBuffer, teacher: Teacher, x_init: Tensor, targets_init: Tensor,
+            cfg: mtt.MTTConfig, **kwargs) -> tuple[mtt.SyntheticSet, mtt.MTTLog]:
+    """MTT on the KD objective: :func:`ddlib.mtt.distill` with an MSE inner loss and learned targets."""
+    load_kd_buffer(buffer.folder, teacher)
+    if targets_init.shape != (x_init.shape[0], teacher.width):
+        raise ValueError(f"targets_init must have shape ({x_init.shape[0]}, {teacher.width}); got {tuple(targets_init.shape)}")
+    synthetic, log = mtt.distill(model, buffer, x_init, targets_init.float(), cfg, inner_loss=F.mse_loss, **kwargs)
+    synthetic.meta.update(teacher=teacher.key, objective="mse")
+    return synthetic, log
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def pretrain(model: nn.Module, x: Tensor, targets: Tensor, *, epochs: int, lr: float, batch_size: int = 256,
+             momentum: float = 0.9, weight_decay: float = 1e-4, generator: torch.Generator | None = None) -> nn.Module:
+    """Pre-train ``model`` (encoder + head of the target width) by MSE to ``targets`` on ``x``, in place."""
+    if epochs < 1 or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"pretrain needs epochs >= 1 and a positive finite lr (got {epochs}, {lr})")
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = x.shape[0]
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.mse_loss(model(x[idx]), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pre-training diverged (loss {float(loss)}); lower the pre-training lr ({lr})")
+    return model
+
+
+@torch.no_grad()
+def features(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model.embed(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return out
+
+
+def linear_probe(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, num_classes: int, *,
+                 steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4) -> float:
+    """Test accuracy of a linear classifier on frozen features (standardised with the labelled set's
+    statistics), trained full-batch with Adam on cross-entropy. Deterministic (zero-initialised)."""
+    mean, std = f_train.mean(0), f_train.std(0, unbiased=False) + 1e-6
+    a, b = (f_train - mean) / std, (f_test - mean) / std
+    with torch.enable_grad():
+        w = torch.zeros(a.shape[1], num_classes, device=a.device, requires_grad=True)
+        bias = torch.zeros(num_classes, device=a.device, requires_grad=True)
+        opt = torch.optim.Adam([w, bias], lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            loss = F.cross_entropy(a @ w + bias, y_train)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return float(((b @ w + bias).argmax(1) == y_test).float().mean())
+
+
+def labelled_indices(y: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """A class-balanced ``fraction`` of the labelled training set (at least one example per class)."""
+    k = int(y.max()) + 1
+    n = max(k, subset_size(len(y), check_fraction("label_fraction", fraction)))
+    return balanced_subset_indices(y, n, seed=seed).to(y.device)
+
+
+@dataclass
+class Pretraining:
+    """What to pre-train on: images, MSE targets and the SGD lr (None: no pre-training)."""
+
+    name: str
+    x: Tensor | None = None
+    targets: Tensor | None = None
+    lr: float = 0.1
+
+
+@dataclass
+class ProbeResults:
+    """Linear-probe test accuracy per label fraction, one value per seed."""
+
+    accs: dict = field(default_factory=dict)     # fraction -> EvalResult
+
+    def summary(self, fraction: float, digits: int = 3) -> str:
+        r = self.accs[fraction]
+        return f"{r.mean:.{digits}f} +- {r.std:.{digits}f}"
+
+
+def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], nn.Module], x_train: Tensor,
+                         y_train: Tensor, x_test: Tensor, y_test: Tensor, label_fractions: Sequence[float],
+                         seeds: Sequence[int], *, epochs: int = 20, batch_size: int = 256, weight_decay: float = 1e-4,
+                         probe_steps: int = 300) -> dict[str, ProbeResults]:
+    """For every seed and run: a fresh encoder (``make_model()`` right after ``torch.manual_seed(seed)``, so
+    every run starts from the same weights) pre-trained on the run's set, then a linear probe per label
+    fraction (labelled subset drawn with the same seed for every run). Mean and std over seeds."""
+    fractions = [check_fraction("label_fraction", f) for f in label_fractions]
+    if not seeds:
+        raise ValueError("evaluate_pretraining needs at least one seed")
+    num_classes = int(y_train.max()) + 1
+    out = {r.name: ProbeResults({f: EvalResult() for f in fractions}) for r in runs}
+    for seed in seeds:
+        labelled = {f: labelled_indices(y_train, f, seed) for f in fractions}
+        for r in runs:
+            torch.manual_seed(seed)
+            model = make_model().to(x_train.device)
+            if r.x is not None:
+                pretrain(model, r.x, r.targets, epochs=epochs, lr=float(r.lr), batch_size=batch_size,
+                         weight_decay=weight_decay, generator=torch.Generator().manual_seed(seed + 17))
+            f_train, f_test = features(model, x_train), features(model, x_test)
+            for f in fractions:
+                idx = labelled[f]
+                acc = linear_probe(f_train[idx], y_train[idx], f_test, y_test, num_classes, steps=probe_steps)
+                out[r.name].accs[f].accs.append(acc)
+    return out
+
+
+def mean_accs(results: Mapping[str, ProbeResults], fraction: float) -> dict[str, float]:
+    return {name: r.accs[fraction].mean for name, r in results.items()}
