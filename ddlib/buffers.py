@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -333,11 +332,8 @@ def ensure_experts(spec: ExpertSpec, x: Tensor, y: Tensor, root: str | Path, num
     Notebook runs call this: a second run with the same spec reuses the stored experts.
     """
     folder = Path(root) / spec.folder_name()
-    t0 = time.perf_counter()
     train_experts(spec, x, y, folder, range(num_experts), augment=augment, progress=progress)
-    buf = ExpertBuffer(folder)
-    buf.train_seconds = time.perf_counter() - t0
-    return buf
+    return ExpertBuffer(folder)
 
 
 def trajectory_distances(buf: ExpertBuffer, expert: int = 0) -> Tensor:

@@ -318,3 +318,31 @@ def noise_init(shape, ipc: int, num_classes: int, generator: torch.Generator | N
     """Start from N(0, 1) pixels (in the normalised input space), labels in class blocks."""
     x = torch.randn(ipc * num_classes, *shape, generator=generator).to(device)
     return x, torch.arange(num_classes, device=device).repeat_interleave(ipc)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def sample_windows(buffer: ExpertBuffer, max_start_epoch: int, expert_epochs: int, count: int,
+                   generator: torch.Generator) -> list[tuple[int, int]]:
+    """``count`` (expert, start epoch) pairs drawn like the distillation draws them (held-out windows)."""
+    buffer.check_range(max_start_epoch, expert_epochs)
+    return [(int(torch.randint(len(buffer), (1,), generator=generator)),
+             int(torch.randint(max_start_epoch, (1,), generator=generator))) for _ in range(count)]
+
+
+@torch.no_grad()
+def matching_distance(model: nn.Module, buffer: ExpertBuffer, synthetic: SyntheticSet, syn_steps: int,
+                      expert_epochs: int, windows: list[tuple[int, int]], batch_syn: int = 0,
+                      inner_loss: InnerLoss = soft_cross_entropy, seed: int = 0) -> float:
+    """Mean eq. (2) distance over given windows: how close ``syn_steps`` steps on the synthetic set (at its
+    learned lr, without augmentation) bring a student from theta*_t to theta*_{t+expert_epochs}."""
+    device = synthetic.x.device
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for expert, t in windows:
+        start = buffer.params(expert, t, device)
+        target = buffer.params(expert, t + expert_epochs, device)
+        batches = minibatch_schedule(synthetic.x.shape[0], batch_syn or None, syn_steps, g, device)
+        theta = unroll(model, start, synthetic.x, synthetic.y, synthetic.lr, batches, loss_fn=inner_loss)
+        total += float(trajectory_loss(theta, start, target)[0])
+    return total / len(windows)

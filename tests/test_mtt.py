@@ -120,3 +120,14 @@ def test_synthetic_set_roundtrip_and_evaluation(setup, tmp_path):
     assert torch.equal(loaded.x, s.x) and loaded.lr.item() == pytest.approx(0.05) and loaded.meta == {"ipc": 2}
     res = mtt.evaluate_synthetic(x, y, 0.05, spec.build_model, x, y, epochs=20, num_nets=2, batch_size=32)
     assert res.runs == 2 and res.mean > 0.8
+
+
+def test_matching_distance_is_one_for_a_student_that_does_not_move(setup):
+    x, y, spec, buf = setup
+    windows = mtt.sample_windows(buf, 3, 2, 4, torch.Generator().manual_seed(0))
+    assert len(windows) == 4 and all(0 <= e < len(buf) and 0 <= t < 3 for e, t in windows)
+    frozen = mtt.SyntheticSet(x[:6], y[:6], torch.tensor(0.0))
+    assert mtt.matching_distance(spec.build_model(), buf, frozen, 5, 2, windows) == pytest.approx(1.0)
+    trained, _ = _run(setup, _cfg(iterations=40))
+    moving = mtt.matching_distance(spec.build_model(), buf, trained, 6, 2, windows)
+    assert moving < 1.0   # the distilled steps bring the student closer to the expert's later checkpoint
