@@ -11,6 +11,12 @@ One flat module per job:
 - ``train``    ordinary training, accuracy, and the K-network evaluation protocol
 - ``results``  run folders, metrics, figures, image grids and ``results/summary.csv``
 - ``linear``   closed-form least squares and the one-step distilled sets of Wang et al. (2018), sec. 3.4
+- ``dd``       Dataset Distillation (Wang et al. 2018): learned pixels and step sizes, checkpoint/resume
+- ``coreset``  real-image baselines: random, class means, k-means, herding, k-center
+- ``buffers``  expert trajectories: per-epoch parameters in safetensors with metadata; shards, resume, merge
+- ``mtt``      Matching Training Trajectories (Cazenavette et al. 2022) on the shared unroll; its evaluation
+- ``ssl``      Barlow Twins teachers (loss, projector, kornia views), stored by key; gradient-noise measurement
+- ``mkdt``     MKDT: KD experts of an SSL teacher, high-loss init, MTT on the KD objective, pre-train + linear probe
 - ``reproduce`` the papermill batch driver behind ``make reproduce``
 """
 
