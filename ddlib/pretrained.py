@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -111,6 +112,7 @@ def train_pool(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, seeds:
         from tqdm.auto import tqdm
         iterator = tqdm(seeds, desc="pre-train", mininterval=2.0)
     params = []
+    t0 = time.perf_counter()
     for s in iterator:
         torch.manual_seed(s)
         model = make_model().to(x.device)
@@ -119,7 +121,8 @@ def train_pool(make_model: Callable[[], nn.Module], x: Tensor, y: Tensor, seeds:
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "momentum": momentum,
              "weight_decay": weight_decay, "optimizer": "sgd", "lr_decay": "x0.1 at half"}
-    return Pool(params, {**(meta or {}), "seeds": seeds, "training": hyper})
+    return Pool(params, {**(meta or {}), "seeds": seeds, "training": hyper,
+                         "train_seconds": round(time.perf_counter() - t0, 1)})
 
 
 # ----------------------------------------------------------------------------- storage
