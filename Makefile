@@ -94,11 +94,16 @@ test-unit: $(STAMP)
 	rm -rf "$(TEST_RESULTS)"
 	DDLIB_RESULTS="$(TEST_RESULTS)" $(PY) -m pytest tests
 
+# Notebooks whose outputs have not been committed yet (`make notebooks ONLY=NN` at the reference
+# thread count makes them): nbval would have nothing to compare. They still run end to end in the
+# unit tests on generated data (tests/test_mtt_configs.py). Empty this once their outputs are in.
+NBVAL_PENDING := notebooks/05_mtt.ipynb
+
 # pytest exits 5 when it collects nothing; no notebooks yet is not a failure.
 test-notebooks: $(STAMP)
 	@if ! ls notebooks/[0-9][0-9]_*.ipynb >/dev/null 2>&1; then echo "no notebooks to check yet"; exit 0; fi; \
 	set -x; rc=0; \
-	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(REFERENCE_THREADS) DDLIB_RESULTS="$(TEST_RESULTS)" $(ALLOC_ENV) $(PY) -m pytest $(NBVAL_FLAGS) notebooks/ || rc=$$?; \
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(REFERENCE_THREADS) DDLIB_RESULTS="$(TEST_RESULTS)" $(ALLOC_ENV) $(PY) -m pytest $(NBVAL_FLAGS) $(addprefix --ignore=,$(NBVAL_PENDING)) notebooks/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no notebook cells collected"; rc=0; fi; \
 	exit $$rc
 
