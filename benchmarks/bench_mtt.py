@@ -50,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_dd import (_hwm_kb, _rel_err, _reset_peak, _rss_kb, load_now, machine_info,  # noqa: E402
                                  machine_md, md_table, median, target, write_csv)
+from benchmarks.bench_dd import onednn as _onednn  # noqa: E402
 from benchmarks.reference_mtt import FlatConvNet, ReferenceMTT, flat_from_params, matching_loss  # noqa: E402
 from ddlib import models  # noqa: E402
 from ddlib.augment import batch_augment, step_transform  # noqa: E402
@@ -262,18 +263,6 @@ def check_float32(prob: Problem, log=print) -> tuple[bool, str, float]:
             f"reference's own spread between oneDNN and native conv kernels) -> {'OK' if ok else 'MISMATCH'}")
     log("  check " + line)
     return ok, line, spread
-
-
-class _onednn:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.prev = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = self.enabled
-
-    def __exit__(self, *exc):
-        torch.backends.mkldnn.enabled = self.prev
 
 
 # ----------------------------------------------------------------------------- interleaved timing

@@ -25,6 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+
+def split_flat(flat: Tensor, shapes) -> list[Tensor]:
+    """Views of consecutive slices of one flat parameter vector, one per shape (no copies)."""
+    out, pos = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[pos:pos + n].view(shape))
+        pos += n
+    return out
+
 class FlatLeNet:
     """LeNet (conv5x5(6)-relu-pool-conv5x5(16)-relu-pool-fc120-relu-fc84-relu-fc) over a flat vector."""
 
@@ -51,12 +61,7 @@ class FlatLeNet:
         self.numel = sum(math.prod(s) for s in self.shapes)
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        out, pos = [], 0
-        for s in self.shapes:
-            n = math.prod(s)
-            out.append(flat[pos:pos + n].view(s))
-            pos += n
-        return out
+        return split_flat(flat, self.shapes)
 
     def forward(self, x: Tensor, flat: Tensor) -> Tensor:
         w1, b1, w2, b2, w3, b3, w4, b4, w5, b5 = self.views(flat)

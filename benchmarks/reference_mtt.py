@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmarks.reference_dd import split_flat
+
 
 class FlatConvNet:
     """The MTT ConvNet (conv3x3 -> instance norm -> ReLU -> avgpool2) x depth -> linear, over a flat vector."""
@@ -51,12 +53,7 @@ class FlatConvNet:
         self.numel = sum(math.prod(s) for s in self.shapes)
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        out, pos = [], 0
-        for s in self.shapes:
-            n = math.prod(s)
-            out.append(flat[pos:pos + n].view(s))
-            pos += n
-        return out
+        return split_flat(flat, self.shapes)
 
     def forward(self, x: Tensor, flat: Tensor) -> Tensor:
         p = self.views(flat)
