@@ -88,6 +88,22 @@ def load_now() -> float:
     return os.getloadavg()[0]
 
 
+
+def choose_threads(requested: int | None, what_to_read: str) -> int:
+    """Set and return torch's intra-op thread count: ``requested``, else all, else 1 on a busy machine.
+
+    When other processes hold the cores, OpenMP threads wait on each other at every barrier and
+    multi-threaded timings become erratic (up to ~7x slower here); one thread stays stable.
+    """
+    cores, load0 = os.cpu_count() or 1, load_now()
+    threads = requested or torch.get_num_threads()
+    if not requested and cores > 1 and load0 >= 0.5 * cores:
+        threads = 1
+        print(f"note: the machine is busy (load {load0:.2f} on {cores} cores): using 1 torch thread "
+              f"(--threads N to override); {what_to_read}")
+    torch.set_num_threads(threads)
+    return threads
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -426,15 +442,7 @@ def main(argv=None):
 
     import warnings
     warnings.filterwarnings("ignore", message=".*TF32.*")
-    cores, load0 = os.cpu_count() or 1, load_now()
-    threads = args.threads or torch.get_num_threads()
-    if not args.threads and cores > 1 and load0 >= 0.5 * cores:
-        # Other processes hold the cores: OpenMP threads then wait on each other at every barrier and
-        # multi-threaded timings become erratic (up to ~7x slower here); one thread stays stable.
-        threads = 1
-        print(f"note: the machine is busy (load {load0:.2f} on {cores} cores): using 1 torch thread "
-              f"(--threads N to override); absolute timings are inflated, the paired ratios are what to read")
-    torch.set_num_threads(threads)
+    threads = choose_threads(args.threads, "absolute timings are inflated, the paired ratios are what to read")
     machine = machine_info(threads)
     print(machine_md(machine))
     out = args.out

@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.bench_dd import (_hwm_kb, _rel_err, _reset_peak, _rss_kb, load_now, machine_info,  # noqa: E402
                                  machine_md, md_table, median, target, write_csv)
-from benchmarks.bench_dd import onednn as _onednn  # noqa: E402
+from benchmarks.bench_dd import choose_threads, onednn as _onednn  # noqa: E402
 from benchmarks.reference_mtt import FlatConvNet, ReferenceMTT, flat_from_params, matching_loss  # noqa: E402
 from ddlib import models  # noqa: E402
 from ddlib.augment import batch_augment, step_transform  # noqa: E402
@@ -669,13 +669,7 @@ def main(argv=None):
     import warnings
     warnings.filterwarnings("ignore", message=".*TF32.*")
     parts = set((args.only or "speed,memory,ipc50,alloc,train").replace("mtt-", "").split(","))
-    cores, load0 = os.cpu_count() or 1, load_now()
-    threads = args.threads or torch.get_num_threads()
-    if not args.threads and cores > 1 and load0 >= 0.5 * cores:
-        threads = 1
-        print(f"note: the machine is busy (load {load0:.2f} on {cores} cores): using 1 torch thread "
-              f"(--threads N to override); wall times are inflated, CPU times and paired ratios are what to read")
-    torch.set_num_threads(threads)
+    threads = choose_threads(args.threads, "wall times are inflated, CPU times and paired ratios are what to read")
     machine = machine_info(threads)
     print(machine_md(machine))
     out, quick = args.out, args.quick

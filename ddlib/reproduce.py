@@ -88,6 +88,14 @@ def discover_notebooks(notebooks_dir: Path) -> list[Notebook]:
     return found
 
 
+def find_notebook(notebooks_dir: Path, number: str) -> Notebook:
+    """The notebook numbered ``number`` (e.g. ``"05"``) in ``notebooks_dir``; FileNotFoundError if none."""
+    found = [nb for nb in discover_notebooks(notebooks_dir) if nb.number == number]
+    if not found:
+        raise FileNotFoundError(f"no notebook {notebooks_dir}/{number}_*.ipynb")
+    return found[0]
+
+
 def parse_only(only: str | None) -> list[str]:
     """``"01,2 03"`` -> ``["01", "02", "03"]``; full stems (``01_linear``) are kept as given."""
     tokens = [t for t in re.split(r"[,\s]+", only or "") if t]

@@ -50,9 +50,7 @@ def _write_data(dataset: str, root):
 
 
 def _notebook() -> reproduce.Notebook:
-    found = [nb for nb in reproduce.discover_notebooks(repo_root() / "notebooks") if nb.number == NUMBER]
-    assert found, f"notebooks/{NUMBER}_*.ipynb does not exist yet"
-    return found[0]
+    return reproduce.find_notebook(repo_root() / "notebooks", NUMBER)
 
 
 # --------------------------------------------------------------------------- the files themselves
