@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .alloc import heap_reuse
 from .buffers import ExpertBuffer
 from .train import EvalResult, evaluate_protocol, soft_cross_entropy, train_classifier
 from .unroll import MODES, Transform, minibatch_schedule, unroll
@@ -148,14 +149,15 @@ def distill(model: nn.Module, buffer: ExpertBuffer, x_init: Tensor, y_init: Tens
             inner_loss: InnerLoss = soft_cross_entropy, transform: TransformFactory | None = None,
             generator: torch.Generator | None = None, checkpoint: str | Path | None = None,
             evaluate: Callable[[SyntheticSet], float] | None = None, evaluate_every: int = 0,
-            progress: bool = True) -> tuple[SyntheticSet, MTTLog]:
+            progress: bool = True, reuse_heap: bool = True) -> tuple[SyntheticSet, MTTLog]:
     """Algorithm 1 of Cazenavette et al. 2022 on the experts in ``buffer``. Returns the set and the log.
 
     ``x_init``/``y_init``: the starting synthetic set (real images or noise; class indices, soft-label
     logits or target vectors). ``transform(seed)`` gives the differentiable augmentation of one
     iteration as a ``transform(x, step)`` (its seed is drawn from ``generator``, so a resumed run
     continues the same random stream). ``evaluate(current_set)`` is called every ``evaluate_every``
-    iterations and at the end, its values kept in ``log.evals``.
+    iterations and at the end, its values kept in ``log.evals``. ``reuse_heap``: on CPU, run the loop
+    under :func:`ddlib.alloc.heap_reuse` (about a third less CPU time per iteration, same numbers).
     """
     cfg.validate()
     buffer.check_range(cfg.max_start_epoch, cfg.expert_epochs)
@@ -185,38 +187,40 @@ def distill(model: nn.Module, buffer: ExpertBuffer, x_init: Tensor, y_init: Tens
         from tqdm.auto import tqdm
         iterator = tqdm(iterator, initial=start, total=cfg.iterations, desc="mtt", mininterval=2.0)
     t0 = time.perf_counter()
-    for it in iterator:
-        expert = int(torch.randint(len(buffer), (1,), generator=generator))
-        t = int(torch.randint(cfg.max_start_epoch, (1,), generator=generator))
-        theta_start = buffer.params(expert, t, device)
-        theta_target = buffer.params(expert, t + cfg.expert_epochs, device)
-        batches = minibatch_schedule(n_syn, batch, cfg.syn_steps, generator, device)
-        aug = transform(int(torch.randint(2**31 - 1, (1,), generator=generator))) if transform else None
+    # CPU: freed activations stay in the heap between student steps (ddlib.alloc; results unchanged)
+    with heap_reuse(device, enabled=reuse_heap):
+        for it in iterator:
+            expert = int(torch.randint(len(buffer), (1,), generator=generator))
+            t = int(torch.randint(cfg.max_start_epoch, (1,), generator=generator))
+            theta_start = buffer.params(expert, t, device)
+            theta_target = buffer.params(expert, t + cfg.expert_epochs, device)
+            batches = minibatch_schedule(n_syn, batch, cfg.syn_steps, generator, device)
+            aug = transform(int(torch.randint(2**31 - 1, (1,), generator=generator))) if transform else None
 
-        theta_hat = unroll(model, theta_start, x_syn, y_syn, lr_syn, batches, loss_fn=inner_loss,
-                           mode=cfg.unroll_mode, transform=aug)
-        loss, _ = trajectory_loss(theta_hat, theta_start, theta_target)
-        for o in optimisers:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        # one host sync per iteration: catch the learned lr's blow-up before it poisons the images
-        loss_value, lr_value = float(loss.detach()), float(lr_syn.detach())
-        if not (math.isfinite(loss_value) and math.isfinite(lr_value)):
-            _fail(it, f"the trajectory loss is {loss_value} and the learned lr {lr_value}", cfg, last_good, ckpt)
-        for o in optimisers:
-            o.step()
-        new_lr = float(lr_syn.detach())
-        if not (0 < new_lr < cfg.lr_explode * cfg.lr_teacher) or not math.isfinite(new_lr):
-            _fail(it, f"the learned lr became {new_lr} (started at {cfg.lr_teacher})", cfg, last_good, ckpt)
-        log.losses.append(loss_value)
-        log.lrs.append(new_lr)
-        log.starts.append(t)
-        last_good = _snapshot(learned, it + 1)
-        done = it + 1
-        if evaluate is not None and evaluate_every and done % evaluate_every == 0 and done < cfg.iterations:
-            log.evals.append((done, evaluate(_current(learned, cfg))))
-        if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, learned, optimisers, generator, done, log, log.seconds + time.perf_counter() - t0)
+            theta_hat = unroll(model, theta_start, x_syn, y_syn, lr_syn, batches, loss_fn=inner_loss,
+                               mode=cfg.unroll_mode, transform=aug)
+            loss, _ = trajectory_loss(theta_hat, theta_start, theta_target)
+            for o in optimisers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            # one host sync per iteration: catch the learned lr's blow-up before it poisons the images
+            loss_value, lr_value = float(loss.detach()), float(lr_syn.detach())
+            if not (math.isfinite(loss_value) and math.isfinite(lr_value)):
+                _fail(it, f"the trajectory loss is {loss_value} and the learned lr {lr_value}", cfg, last_good, ckpt)
+            for o in optimisers:
+                o.step()
+            new_lr = float(lr_syn.detach())
+            if not (0 < new_lr < cfg.lr_explode * cfg.lr_teacher) or not math.isfinite(new_lr):
+                _fail(it, f"the learned lr became {new_lr} (started at {cfg.lr_teacher})", cfg, last_good, ckpt)
+            log.losses.append(loss_value)
+            log.lrs.append(new_lr)
+            log.starts.append(t)
+            last_good = _snapshot(learned, it + 1)
+            done = it + 1
+            if evaluate is not None and evaluate_every and done % evaluate_every == 0 and done < cfg.iterations:
+                log.evals.append((done, evaluate(_current(learned, cfg))))
+            if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                _save_checkpoint(ckpt, learned, optimisers, generator, done, log, log.seconds + time.perf_counter() - t0)
     log.seconds += time.perf_counter() - t0
     if ckpt is not None and cfg.checkpoint_every:
         _save_checkpoint(ckpt, learned, optimisers, generator, cfg.iterations, log, log.seconds)

@@ -61,6 +61,14 @@ def test_full_and_lowmem_modes_and_minibatches_agree(setup):
     assert torch.allclose(out["full"].lr, out["lowmem"].lr, rtol=1e-5)
 
 
+def test_heap_reuse_changes_no_result(setup, monkeypatch):
+    from ddlib import alloc
+    for var in alloc._ENV_VARS:  # let ddlib.alloc act even under the Makefile's MALLOC_TUNING
+        monkeypatch.delenv(var, raising=False)
+    (a, log_a), (b, log_b) = (_run(setup, _cfg(iterations=5), reuse_heap=r) for r in (True, False))
+    assert torch.equal(a.x, b.x) and torch.equal(a.lr, b.lr) and log_a.losses == log_b.losses
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
     cfg = _cfg(iterations=12, checkpoint_every=5)
     reference, ref_log = _run(setup, cfg)
