@@ -59,6 +59,7 @@ class ExpertSpec:
     momentum: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 256
+    drop_last: bool = True            # an epoch = n // batch_size full batches of a fresh permutation (see below)
     epochs: int = 50
     seed: int = 0
 
@@ -77,7 +78,9 @@ class ExpertSpec:
 
     @classmethod
     def from_json(cls, text: str) -> "ExpertSpec":
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        values.setdefault("drop_last", False)  # files written before the field existed kept the partial batch
+        return cls(**values)
 
     def key(self) -> str:
         """Short hash of the spec: the folder name that lets notebook runs reuse their experts."""
@@ -130,6 +133,12 @@ def train_expert(spec: ExpertSpec, index: int, x: Tensor, y: Tensor, folder: str
     ``augment(generator)`` returns the per-batch augmentation (e.g. ``ddlib.augment.batch_augment``)
     drawing its randomness from the expert's own generator. Resumes a partially trained expert;
     returns at once if the expert is complete.
+
+    With ``spec.drop_last`` the images left over after the last full batch of an epoch's permutation sit
+    that epoch out (each epoch draws a new permutation, so none is left out for long). A small remainder
+    batch is a full-lr step on a very noisy gradient taken right before the epoch's parameters are stored:
+    on digits (1347 training images, batch 32) a 3-image last step made the stored experts' test accuracy
+    swing between 0.5 and 0.95 from epoch to epoch, and trajectory matching imitates exactly those points.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +170,8 @@ def train_expert(spec: ExpertSpec, index: int, x: Tensor, y: Tensor, folder: str
     model.train()
     for epoch in epochs:
         perm = torch.randperm(n, generator=generator).to(x.device)
-        for i in range(0, n, spec.batch_size):
+        end = max(n - n % spec.batch_size, min(n, spec.batch_size)) if spec.drop_last else n
+        for i in range(0, end, spec.batch_size):
             idx = perm[i:i + spec.batch_size]
             xb = x[idx] if aug is None else aug(x[idx])
             loss = loss_fn(model(xb), y[idx])

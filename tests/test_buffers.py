@@ -1,5 +1,7 @@
 """Expert trajectories (ddlib.buffers): format, sharding, resume and the mismatch errors."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -124,3 +126,24 @@ def test_spec_validation():
         _spec(epochs=0)
     assert _spec().key() != _spec(zca=True).key()
     assert buffers.ExpertSpec.from_json(_spec().to_json()) == _spec()
+
+
+def test_drop_last_skips_only_the_remainder_batch(tmp_path):
+    """An epoch is n // batch_size full batches: identical to keeping the last batch when there is none, different
+    when there is a remainder; a set smaller than one batch is still one batch; old files meant drop_last=False."""
+    def final(n, drop_last, name):
+        x, y = _data(n=n)
+        spec = _spec(drop_last=drop_last, epochs=2)
+        path = buffers.train_expert(spec, 0, x, y, tmp_path / name)
+        return buffers.ExpertBuffer(path.parent).params(0, 2)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(final(96, True, "a"), final(96, False, "b"))        # 96 = 6 x 16: nothing to drop
+    assert not same(final(99, True, "c"), final(99, False, "d"))    # a 3-image remainder batch: dropped or not
+    x, y = _data(n=10)
+    tiny = buffers.ExpertBuffer(buffers.train_expert(_spec(epochs=1), 0, x, y, tmp_path / "e").parent)
+    assert not same(tiny.params(0, 0), tiny.params(0, 1))           # 10 < 16 images: one batch, the expert moves
+    old = {k: v for k, v in json.loads(_spec().to_json()).items() if k != "drop_last"}
+    assert buffers.ExpertSpec.from_json(json.dumps(old)).drop_last is False
