@@ -11,6 +11,7 @@ from ddlib import reproduce
 from ddlib.data import DATASETS
 from ddlib.results import repo_root
 
+from config_runs import run_config
 from fake_data import write_cifar10, write_cifar100, write_mnist
 
 NUMBER = "06"
@@ -72,15 +73,6 @@ def test_config_runs_on_tiny_generated_data(stem, tmp_path, monkeypatch):
     nb = _notebook()
     values = yaml.safe_load((CONFIGS / f"{stem}.yaml").read_text())
     root = _write_data(values["dataset"], tmp_path / "data")
-    monkeypatch.setenv("DDLIB_RESULTS", str(tmp_path / "results"))
-    monkeypatch.setenv("DDLIB_CACHE", str(tmp_path / "cache"))
     overrides = {**values, **TINY, "data_root": str(root)}
-    configs = tmp_path / "configs"
-    (configs / NUMBER).mkdir(parents=True)
-    (configs / NUMBER / f"{stem}.yaml").write_text(yaml.safe_dump(overrides))
-    jobs, _ = reproduce.plan([nb], "paper", configs, tmp_path / "results", device="cpu", config=stem)
-    assert len(jobs) == 1
-    outcome = reproduce.run_job(jobs[0], reproduce.resolve_kernel(), cwd=nb.path.parent)
-    assert outcome.ok, f"{stem}: {outcome.error} (executed copy: {jobs[0].output})"
-    rows = (tmp_path / "results" / "summary.csv").read_text()
+    rows = run_config(nb, NUMBER, stem, overrides, tmp_path, monkeypatch)
     assert values["dataset"] in rows and "mkdt" in rows and "random_subset" in rows and "full_kd" in rows
