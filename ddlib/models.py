@@ -199,9 +199,15 @@ class VGG11(_Net):
         super().__init__()
         channels, height, width = input_shape
         layers: list[nn.Module] = []
-        for v in _VGG11_CFG:
+        # inputs smaller than CIFAR's 32x32 (8x8 digits, 28x28 MNIST) cannot take all five 2x2 pools: the
+        # first ones are skipped, so the last stages keep CIFAR's map sizes (instance norm of the tiny maps an
+        # early pooling would leave, 2x2 or 1x1, erases almost everything the layer computed)
+        pools = [i for i, v in enumerate(_VGG11_CFG) if v == "M"]
+        fit = max(int(math.log2(min(height, width))), 0)
+        skipped = set(pools[:max(len(pools) - fit, 0)])
+        for i, v in enumerate(_VGG11_CFG):
             if v == "M":
-                if min(height, width) >= 2:
+                if i not in skipped:
                     layers.append(nn.MaxPool2d(2, stride=2))
                     height, width = height // 2, width // 2
                 continue

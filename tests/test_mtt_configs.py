@@ -27,7 +27,8 @@ CPU_FILES = sorted(CONFIGS.glob("cpu_*.yaml"))  # reduced runs made on a CPU (re
 
 # Shrinks a run to seconds without changing its code path (the file's own values stay otherwise).
 TINY = {"num_experts": 1, "train_epochs": 2, "max_start_epoch": 1, "expert_epochs": 1, "syn_steps": 2,
-        "iterations": 2, "eval_epochs": 2, "eval_nets": 1, "eval_every": 0, "coresets": ["random"],
+        "iterations": 2, "eval_epochs": 2, "eval_nets": 1, "cross_arch_nets": 1, "cross_arch_epochs": 2, "eval_every": 0,
+        "coresets": ["random"],
         "ablation": False, "check_claims": False, "net_width": 8, "batch_train": 8,
         # random pixels and 2-epoch experts give the learned lr gradients no run of the paper sees; with the
         # files' lr_lr (up to 1e-4) it turns negative at once and the divergence guard stops the run
