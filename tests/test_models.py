@@ -103,3 +103,19 @@ def test_feature_models_and_init():
     assert all(torch.count_nonzero(m.bias) == 0 for m in net.modules() if isinstance(m, torch.nn.Linear))
     with pytest.raises(ValueError, match="init"):
         build("lenet", (1, 28, 28), 10, init="zeros")
+
+
+@pytest.mark.parametrize("shape,pools", [((1, 8, 8), 3), ((1, 28, 28), 4), ((3, 32, 32), 5), ((3, 64, 64), 5)])
+def test_vgg11_never_normalises_a_map_smaller_than_2x2(shape, pools):
+    """Instance norm of a 1x1 map is identically zero: small inputs skip VGG11's first pools instead, and CIFAR's
+    32x32 keeps all five (512-d features, as in MTT)."""
+    net = build("vgg11", shape, 10)
+    sizes = []
+    for m in net.features:
+        if isinstance(m, torch.nn.GroupNorm):
+            m.register_forward_hook(lambda mod, inp, out: sizes.append(out.shape[-2:].numel()))
+    net(torch.randn(2, *shape))
+    assert min(sizes) >= 4
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.features) == pools
+    if shape[-1] == 32:
+        assert net.feature_dim == 512
