@@ -63,16 +63,26 @@ def _set(libc, values: dict[int, int]) -> None:
         libc.mallopt(param, value)
 
 
+_depth = [0]  # open heap_reuse blocks in this process (the allocator is process-wide, so is this count)
+
+
 @contextlib.contextmanager
 def heap_reuse(device: torch.device | str = "cpu", enabled: bool = True) -> Iterator[bool]:
-    """Keep freed CPU memory in the heap for the duration of the block (module docstring); yields whether it did."""
+    """Keep freed CPU memory in the heap for the duration of the block (module docstring); yields whether it did.
+
+    Nested blocks (several ``distill`` calls inside one outer block) share the outermost block's setting: only
+    the outermost one sets and restores, so the heap is not given back between the inner calls."""
     if not (enabled and heap_reuse_applies(device)):
         yield False
         return
     libc = _glibc()
-    _set(libc, TUNED)
+    if _depth[0] == 0:
+        _set(libc, TUNED)
+    _depth[0] += 1
     try:
         yield True
     finally:
-        _set(libc, DEFAULTS)
-        libc.malloc_trim(0)
+        _depth[0] -= 1
+        if _depth[0] == 0:
+            _set(libc, DEFAULTS)
+            libc.malloc_trim(0)

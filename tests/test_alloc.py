@@ -37,6 +37,13 @@ def test_freed_blocks_are_reused_inside_and_returned_after(monkeypatch):
         faults_of_cycles(12)
         inside = faults_of_cycles()
     after = faults_of_cycles()
+    with alloc.heap_reuse("cpu"):
+        faults_of_cycles(12)
+        for _ in range(3):  # nested blocks (one per distill call) do not give the heap back when they end
+            with alloc.heap_reuse("cpu"):
+                faults_of_cycles(1)
+        nested = faults_of_cycles()
+    assert nested < 0.5 * pages
     assert outside > 6 * pages              # default: every cycle maps and faults the block in again
     assert inside < 0.5 * pages             # steady state: not even one block's worth over eight cycles
     assert after > 6 * pages                # defaults back: memory went back to the system
