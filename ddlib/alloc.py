@@ -9,7 +9,7 @@ where about a third of the CPU time of the official-style loop goes (benchmarks/
 :func:`heap_reuse` sets, for the duration of a ``with`` block, what the environment variables
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge> MALLOC_TOP_PAD_=256 MiB`` set for a whole process: no
 mmap for large blocks, no trimming, so freed activations stay in the heap and are reused by the next step. It
-changes no result (only where memory comes from), costs about a quarter more peak RSS, and on leaving the
+changes no result (only where memory comes from), costs a fifth to a quarter more peak RSS, and on leaving the
 block puts glibc's documented defaults back and returns the free memory to the system (``malloc_trim``).
 One thing cannot be put back through ``mallopt``: glibc's *dynamic* mmap threshold, which any of these
 settings switches off, stays off (the static default of 128 KiB applies after the block).
