@@ -303,15 +303,20 @@ def interleaved(prob: Problem, names, pairs: int, log=print, label: str = "") ->
     return res
 
 
+def time_medians(ms: list[dict]) -> dict:
+    """Medians over ``measured`` results: wall / CPU / user / system seconds, system share, minor faults."""
+    out = {f"{key}_s": round(median([m[key] for m in ms]), 3) for key in ("wall", "cpu", "user", "sys")}
+    out["sys_share"] = round(median([m["sys"] / m["cpu"] for m in ms]), 3)
+    out["minflt"] = int(median([m["minflt"] for m in ms]))
+    return out
+
+
 def summarise(res: dict, names, base: str) -> list[dict]:
     rows = []
     for n in names:
         ms = res[n]
         row = {"contender": n}
-        for key in ("wall", "cpu", "user", "sys"):
-            row[f"{key}_s"] = round(median([m[key] for m in ms]), 3)
-        row["sys_share"] = round(median([m["sys"] / m["cpu"] for m in ms]), 3)
-        row["minflt"] = int(median([m["minflt"] for m in ms]))
+        row.update(time_medians(ms))
         row["majflt"] = int(median([m["majflt"] for m in ms]))
         row["peak_mb"] = round(median([m["peak_mb"] for m in ms]), 1)
         for key in ("wall", "cpu", "peak_mb"):
@@ -501,10 +506,7 @@ def part_alloc(threads, ipc, steps, rounds, allocator, log=print):
             ms = [r[n] for r in res[name]]
             base = [r[n] for r in res["glibc default"]]
             row = {"allocator": name, "contender": n, "ipc": ipc, "syn_steps": steps}
-            for key in ("wall", "cpu", "user", "sys"):
-                row[f"{key}_s"] = round(median([m[key] for m in ms]), 3)
-            row["sys_share"] = round(median([m["sys"] / m["cpu"] for m in ms]), 3)
-            row["minflt"] = int(median([m["minflt"] for m in ms]))
+            row.update(time_medians(ms))
             row["peak_mb"] = round(median([m["peak_mb"] for m in ms]), 1)
             row["wall_vs_default"] = round(median([m["wall"] for m in ms]) / median([m["wall"] for m in base]), 3)
             row["cpu_vs_default"] = round(median([m["cpu"] for m in ms]) / median([m["cpu"] for m in base]), 3)
@@ -546,10 +548,7 @@ def part_shipped(threads, configs, rounds, iterations, log=print):
         for i, (name, alloc_name, _, _) in enumerate(SHIPPED):
             ms = res[i]
             row = {"ipc": ipc, "syn_steps": steps, "contender": name, "allocator": alloc_name}
-            for key in ("wall", "cpu", "user", "sys"):
-                row[f"{key}_s"] = round(median([m[key] for m in ms]), 3)
-            row["sys_share"] = round(median([m["sys"] / m["cpu"] for m in ms]), 3)
-            row["minflt"] = int(median([m["minflt"] for m in ms]))
+            row.update(time_medians(ms))
             row["hwm_mb"] = round(median([m["hwm_mb"] for m in ms]), 1)
             for key in ("wall", "cpu", "hwm_mb"):
                 row[f"{key.replace('_mb', '')}_vs_reference"] = round(
