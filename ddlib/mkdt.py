@@ -191,6 +191,26 @@ def labelled_indices(y: Tensor, fraction: float, seed: int = 0) -> Tensor:
     return balanced_subset_indices(y, n, seed=seed).to(y.device)
 
 
+def label_draw_seed(seed: int, draw: int) -> int:
+    """Seed of the ``draw``-th labelled subset for evaluation seed ``seed`` (draw 0 is ``seed`` itself)."""
+    return seed + 100_003 * draw
+
+
+def probe_accuracy(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, fraction: float, seed: int, *,
+                   label_draws: int = 1, steps: int = 300) -> float:
+    """Linear-probe test accuracy with a ``fraction`` of the labels, averaged over ``label_draws`` class-balanced
+    labelled subsets. With 1% of a small training set the probe sees about one image per class, and which image
+    it sees moves its accuracy by several points; the draws average that out without training more encoders."""
+    if label_draws < 1:
+        raise ValueError(f"label_draws={label_draws} must be >= 1")
+    num_classes = int(y_train.max()) + 1
+    accs = []
+    for d in range(label_draws):
+        idx = labelled_indices(y_train, fraction, label_draw_seed(seed, d))
+        accs.append(linear_probe(f_train[idx], y_train[idx], f_test, y_test, num_classes, steps=steps))
+    return sum(accs) / len(accs)
+
+
 @dataclass
 class Pretraining:
     """What to pre-train on: images, MSE targets and the SGD lr (None: no pre-training)."""
@@ -215,17 +235,18 @@ class ProbeResults:
 def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], nn.Module], x_train: Tensor,
                          y_train: Tensor, x_test: Tensor, y_test: Tensor, label_fractions: Sequence[float],
                          seeds: Sequence[int], *, epochs: int = 20, batch_size: int = 256, weight_decay: float = 1e-4,
-                         probe_steps: int = 300) -> dict[str, ProbeResults]:
+                         probe_steps: int = 300, label_draws: int = 1) -> dict[str, ProbeResults]:
     """For every seed and run: a fresh encoder (``make_model()`` right after ``torch.manual_seed(seed)``, so
     every run starts from the same weights) pre-trained on the run's set, then a linear probe per label
-    fraction (labelled subset drawn with the same seed for every run). Mean and std over seeds."""
+    fraction (the same ``label_draws`` labelled subsets of each seed for every run, accuracy averaged over
+    them). Mean and std over seeds: the comparison between runs is paired by seed."""
     fractions = [check_fraction("label_fraction", f) for f in label_fractions]
     if not seeds:
         raise ValueError("evaluate_pretraining needs at least one seed")
-    num_classes = int(y_train.max()) + 1
+    if label_draws < 1:
+        raise ValueError(f"label_draws={label_draws} must be >= 1")
     out = {r.name: ProbeResults({f: EvalResult() for f in fractions}) for r in runs}
     for seed in seeds:
-        labelled = {f: labelled_indices(y_train, f, seed) for f in fractions}
         for r in runs:
             torch.manual_seed(seed)
             model = make_model().to(x_train.device)
@@ -234,10 +255,46 @@ def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], n
                          weight_decay=weight_decay, generator=torch.Generator().manual_seed(seed + 17))
             f_train, f_test = features(model, x_train), features(model, x_test)
             for f in fractions:
-                idx = labelled[f]
-                acc = linear_probe(f_train[idx], y_train[idx], f_test, y_test, num_classes, steps=probe_steps)
-                out[r.name].accs[f].accs.append(acc)
+                out[r.name].accs[f].accs.append(probe_accuracy(f_train, y_train, f_test, y_test, f, seed,
+                                                               label_draws=label_draws, steps=probe_steps))
     return out
+
+
+def trajectory_probe(model: nn.Module, buffer: buffers.ExpertBuffer, x_train: Tensor, y_train: Tensor,
+                     x_test: Tensor, y_test: Tensor, label_fractions: Sequence[float], seeds: Sequence[int], *,
+                     epochs: Sequence[int] | None = None, label_draws: int = 1,
+                     probe_steps: int = 300) -> dict[float, list[EvalResult]]:
+    """What the expert trajectories are worth downstream: the linear probe on the experts' own encoders.
+
+    For every stored epoch (or ``epochs``) and every expert, the probe accuracy on that checkpoint's frozen
+    features (averaged over ``seeds`` x ``label_draws`` labelled subsets, as :func:`evaluate_pretraining`).
+    Returns ``{fraction: [EvalResult over experts, one per epoch]}``. MTT trains the distilled set to carry a
+    network from checkpoint t to t + M: the checkpoints inside the matched window are what pre-training on the
+    distilled set imitates, and where they probe no better than the random init, it has little to give
+    (Joshi et al. 2025 match the first epochs).
+    """
+    fractions = [check_fraction("label_fraction", f) for f in label_fractions]
+    epochs = list(range(buffer.epochs + 1)) if epochs is None else [int(e) for e in epochs]
+    if not seeds or any(not 0 <= e <= buffer.epochs for e in epochs):
+        raise ValueError(f"trajectory_probe needs seeds and epochs in 0..{buffer.epochs}; got {list(seeds)}, {epochs}")
+    out = {f: [EvalResult() for _ in epochs] for f in fractions}
+    own = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k in range(len(buffer)):
+        for j, e in enumerate(epochs):
+            _set_parameters(model, buffer.params(k, e, x_train.device))
+            f_train, f_test = features(model, x_train), features(model, x_test)
+            for f in fractions:
+                accs = [probe_accuracy(f_train, y_train, f_test, y_test, f, s, label_draws=label_draws,
+                                       steps=probe_steps) for s in seeds]
+                out[f][j].accs.append(sum(accs) / len(accs))
+    _set_parameters(model, own)
+    return out
+
+
+@torch.no_grad()
+def _set_parameters(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    for name, p in model.named_parameters():
+        p.copy_(params[name])
 
 
 def mean_accs(results: Mapping[str, ProbeResults], fraction: float) -> dict[str, float]:

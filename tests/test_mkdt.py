@@ -144,3 +144,38 @@ def test_linear_probe_and_evaluation_protocol(setup):
     assert again["none"].accs[0.5].accs == res["none"].accs[0.5].accs
     with pytest.raises(ValueError):
         mkdt.evaluate_pretraining(runs, make, x, y, x, y, [0.0], [0])
+
+
+def test_label_draws_average_the_probe_over_labelled_subsets(setup):
+    x, y = setup["x"], setup["y"]
+    g = torch.Generator().manual_seed(1)
+    f_train = F.one_hot(y, 4).float() + 0.8 * torch.randn(len(y), 4, generator=g)
+    f_test = F.one_hot(y, 4).float() + 0.8 * torch.randn(len(y), 4, generator=g)
+    one = mkdt.probe_accuracy(f_train, y, f_test, y, 0.1, seed=2, steps=50)
+    idx = mkdt.labelled_indices(y, 0.1, seed=2)  # draw 0 is the seed's own subset
+    assert one == mkdt.linear_probe(f_train[idx], y[idx], f_test, y, 4, steps=50)
+    manual = [mkdt.linear_probe(f_train[i], y[i], f_test, y, 4, steps=50)
+              for i in (mkdt.labelled_indices(y, 0.1, mkdt.label_draw_seed(2, d)) for d in range(3))]
+    assert len({tuple(mkdt.labelled_indices(y, 0.1, mkdt.label_draw_seed(2, d)).tolist()) for d in range(3)}) == 3
+    assert mkdt.probe_accuracy(f_train, y, f_test, y, 0.1, seed=2, label_draws=3, steps=50) == pytest.approx(
+        sum(manual) / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="label_draws"):
+        mkdt.probe_accuracy(f_train, y, f_test, y, 0.1, seed=2, label_draws=0)
+
+
+def test_trajectory_probe_reads_each_expert_checkpoint(setup):
+    x, y, buf, teacher = setup["x"], setup["y"], setup["buf"], setup["teacher"]
+    model = build("convnet", (1, 8, 8), teacher.width, **setup["kw"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = mkdt.trajectory_probe(model, buf, x, y, x, y, [0.25, 1.0], [0, 1], epochs=[0, 3], probe_steps=30)
+    assert set(res) == {0.25, 1.0} and all(len(v) == 2 and all(r.runs == len(buf) for r in v) for v in res.values())
+    # independent: a fresh network loaded through load_state_dict, probed with the same subsets
+    ref = build("convnet", (1, 8, 8), teacher.width, **setup["kw"])
+    for k, (j, e) in [(0, (0, 0)), (1, (1, 3))]:
+        ref.load_state_dict(buf.params(k, e))
+        ft = mkdt.features(ref, x)
+        want = sum(mkdt.probe_accuracy(ft, y, ft, y, 0.25, s, steps=30) for s in (0, 1)) / 2
+        assert res[0.25][j].accs[k] == pytest.approx(want, abs=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's weights come back
+    with pytest.raises(ValueError, match="epochs"):
+        mkdt.trajectory_probe(model, buf, x, y, x, y, [0.5], [0], epochs=[buf.epochs + 1])

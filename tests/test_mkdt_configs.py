@@ -21,7 +21,7 @@ FILES = sorted(CONFIGS.glob("*.yaml"))
 # Shrinks a run to seconds without changing its code path (the file's own values stay otherwise).
 TINY = {"teacher_epochs": 1, "teacher_batch": 32, "projector_dims": [16, 16], "num_experts": 1,
         "expert_train_epochs": 3, "batch_train": 32, "syn_steps": 2, "iterations": 2, "batch_syn": 0,
-        "pretrain_epochs": 1, "eval_seeds": [0], "probe_steps": 5, "variance_batches": 2,
+        "pretrain_epochs": 1, "eval_seeds": [0], "label_draws": 1, "probe_steps": 5, "variance_batches": 2,
         "variance_batch_sizes": [8], "check_claims": False, "net_width": 4, "teacher_width": 4,
         "train_limit": 40, "test_limit": 20}
 
