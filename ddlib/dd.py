@@ -206,6 +206,7 @@ class DistillLog:
     seconds: float = 0.0
     resumed_from: int = 0
     resumed_seconds: float = 0.0
+    final_outer_lr: float = 0.0  # the Adam lr the schedule had reached at the end
 
     def loss_curve(self) -> Tensor:
         return torch.stack(self.losses).cpu() if self.losses else torch.empty(0)
@@ -268,6 +269,7 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
             _save_checkpoint(ckpt, x_syn, raw_lrs, opt, sched, generator, it + 1, log,
                              seconds=log.seconds + time.perf_counter() - t0)
     log.seconds += time.perf_counter() - t0
+    log.final_outer_lr = opt.param_groups[0]["lr"]
     if log.losses and not torch.isfinite(log.losses[-1]):
         _fail_nonfinite(cfg.outer_iters - 1, cfg, last_good, y_syn, distilled, ckpt, opt, sched, generator, log)
     if ckpt is not None and cfg.checkpoint_every:
@@ -346,8 +348,11 @@ def _load_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, log: Dis
     state["state"] = {i: {k.split(".", 2)[2]: v.to(x_syn.device) if v.ndim else v
                           for k, v in t.items() if k.startswith(f"opt.{i}.")} for i in range(n_params)}
     state["state"] = {i: s for i, s in state["state"].items() if s}
-    opt.load_state_dict(state)
+    opt.load_state_dict(state)  # param_groups come from the fresh optimiser: its lr is the initial outer_lr ...
     sched.load_state_dict(json.loads(meta["scheduler"]))
+    # ... and the scheduler decays whatever lr the optimiser holds, so put back the lr it had reached
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
     if generator is not None and "generator" in t:
         generator.set_state(t["generator"])
     log.losses = list(t["losses"].to(x_syn.device).unbind()) if t["losses"].numel() else []

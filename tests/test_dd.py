@@ -52,7 +52,8 @@ def test_full_and_lowmem_modes_give_the_same_distilled_set():
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     x, y = _blobs()
-    cfg = _cfg(outer_iters=12, checkpoint_every=5)
+    # the outer lr halves every 3 iterations: the resumed run must continue the decayed schedule
+    cfg = _cfg(outer_iters=12, checkpoint_every=5, decay_every=3)
 
     def run(sampler_fails_at=None, path=None):
         net = _mlp()
@@ -76,6 +77,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert torch.allclose(resumed.x, reference.x, atol=1e-6)
     assert torch.allclose(resumed.raw_lrs, reference.raw_lrs, atol=1e-6)
     assert torch.allclose(log.loss_curve(), ref_log.loss_curve(), atol=1e-6)
+    assert log.final_outer_lr == ref_log.final_outer_lr == pytest.approx(cfg.outer_lr * 0.5 ** 4)
     # the wall time covers the interrupted part too (what the notebooks report as `seconds`)
     assert 0 < log.resumed_seconds < log.seconds
 
