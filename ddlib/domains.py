@@ -74,6 +74,17 @@ def split_domains(data: Dataset, shift: str = "thicken", seed: int = 0) -> tuple
     return source, target
 
 
+def shifted(data: Dataset, shift: str = "thicken") -> Dataset:
+    """All of ``data`` (both splits, every image) re-rendered with ``shift`` and normalised with its own
+    statistics: a second dataset with the same labels and writers but other pixel statistics, for transfer
+    evaluations that need no download."""
+    if shift not in SHIFTS:
+        raise ValueError(f"shift={shift!r} is unknown; use one of {SHIFTS}")
+    x_tr01, x_te01 = data.denormalise(data.x_train), data.denormalise(data.x_test)
+    info, x_tr, x_te = _normalised(render(x_tr01, shift), render(x_te01, shift), data.info, f"{data.info.name}_{shift}")
+    return Dataset(x_tr.contiguous(), data.y_train, x_te.contiguous(), data.y_test, info)
+
+
 def match_input(data: Dataset, input_shape) -> Dataset:
     """``data`` re-rendered for networks that take ``input_shape`` (C, H, W): channels averaged (RGB to grey)
     or repeated (grey to RGB), images resized bilinearly (with antialiasing), then normalised with their

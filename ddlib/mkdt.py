@@ -213,12 +213,14 @@ def probe_accuracy(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Ten
 
 @dataclass
 class Pretraining:
-    """What to pre-train on: images, MSE targets and the SGD lr (None: no pre-training)."""
+    """What to pre-train on: images, MSE targets, the SGD lr and mini-batch size (no images: no pre-training;
+    ``batch_size`` None: the evaluation's default)."""
 
     name: str
     x: Tensor | None = None
     targets: Tensor | None = None
     lr: float = 0.1
+    batch_size: int | None = None
 
 
 @dataclass
@@ -251,7 +253,7 @@ def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], n
             torch.manual_seed(seed)
             model = make_model().to(x_train.device)
             if r.x is not None:
-                pretrain(model, r.x, r.targets, epochs=epochs, lr=float(r.lr), batch_size=batch_size,
+                pretrain(model, r.x, r.targets, epochs=epochs, lr=float(r.lr), batch_size=r.batch_size or batch_size,
                          weight_decay=weight_decay, generator=torch.Generator().manual_seed(seed + 17))
             f_train, f_test = features(model, x_train), features(model, x_test)
             for f in fractions:

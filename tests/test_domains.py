@@ -34,6 +34,23 @@ def test_split_is_disjoint_shifted_and_self_normalised():
     assert not torch.allclose(source.x_test, target.x_test)
 
 
+def test_shifted_re_renders_every_image_and_keeps_the_labels():
+    data = load_dataset("digits")
+    other = domains.shifted(data, "thicken")
+    assert other.x_train.shape == data.x_train.shape and other.x_test.shape == data.x_test.shape
+    assert torch.equal(other.y_train, data.y_train) and torch.equal(other.y_test, data.y_test)
+    # independent: thicken the [0, 1] pixels directly and normalise with their own train statistics
+    raw_tr, raw_te = data.denormalise(data.x_train), data.denormalise(data.x_test)
+    thick_tr = torch.nn.functional.max_pool2d(torch.nn.functional.pad(raw_tr, (0, 1, 0, 1)), 2, stride=1)
+    thick_te = torch.nn.functional.max_pool2d(torch.nn.functional.pad(raw_te, (0, 1, 0, 1)), 2, stride=1)
+    mean, std = thick_tr.mean(), thick_tr.std(unbiased=False)
+    assert torch.allclose(other.x_train, (thick_tr - mean) / std, atol=1e-4)
+    assert torch.allclose(other.x_test, (thick_te - mean) / std, atol=1e-4)
+    assert other.info.name == "digits_thicken" and other.info.mean[0] > data.info.mean[0]  # thicker strokes: brighter
+    with pytest.raises(ValueError, match="unknown"):
+        domains.shifted(data, "blur")
+
+
 def test_match_input_resizes_and_converts_channels():
     data = load_dataset("digits")
     grey28 = domains.match_input(data, (1, 28, 28))

@@ -179,3 +179,14 @@ def test_trajectory_probe_reads_each_expert_checkpoint(setup):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the caller's weights come back
     with pytest.raises(ValueError, match="epochs"):
         mkdt.trajectory_probe(model, buf, x, y, x, y, [0.5], [0], epochs=[buf.epochs + 1])
+
+
+def test_each_pretraining_run_may_set_its_batch_size(setup, monkeypatch):
+    x, y, reps, teacher = setup["x"], setup["y"], setup["reps"], setup["teacher"]
+    seen = []
+    monkeypatch.setattr(mkdt, "pretrain", lambda model, xs, ts, **kw: seen.append(kw["batch_size"]) or model)
+    runs = [mkdt.Pretraining("default", x[:8], reps[:8], 0.01), mkdt.Pretraining("own", x[:8], reps[:8], 0.01, 3),
+            mkdt.Pretraining("none")]
+    mkdt.evaluate_pretraining(runs, lambda: build("convnet", (1, 8, 8), teacher.width, **setup["kw"]), x, y, x, y,
+                              [0.5], [0], batch_size=5, probe_steps=2)
+    assert seen == [5, 3]  # 'none' pre-trains on nothing
