@@ -21,7 +21,8 @@ CONFIG ?=
 
 # make test never touches the committed results/
 TEST_RESULTS := $(CURDIR)/.pytest_results
-NBVAL_FLAGS  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+# tests/nbval_tolerance.py: exact comparison on the machine that made the outputs, a numeric tolerance elsewhere
+NBVAL_FLAGS  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -p nbval_tolerance
 
 .PHONY: help env reproduce readme test test-unit test-notebooks kernel lab notebooks bench clean distclean
 
@@ -102,7 +103,7 @@ NBVAL_PENDING :=
 test-notebooks: $(STAMP)
 	@if ! ls notebooks/[0-9][0-9]_*.ipynb >/dev/null 2>&1; then echo "no notebooks to check yet"; exit 0; fi; \
 	set -x; rc=0; \
-	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(REFERENCE_THREADS) DDLIB_RESULTS="$(TEST_RESULTS)" $(ALLOC_ENV) $(PY) -m pytest $(NBVAL_FLAGS) $(addprefix --ignore=,$(NBVAL_PENDING)) notebooks/ || rc=$$?; \
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$(REFERENCE_THREADS) DDLIB_RESULTS="$(TEST_RESULTS)" PYTHONPATH=tests $(ALLOC_ENV) $(PY) -m pytest $(NBVAL_FLAGS) $(addprefix --ignore=,$(NBVAL_PENDING)) notebooks/ || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no notebook cells collected"; rc=0; fi; \
 	exit $$rc
 

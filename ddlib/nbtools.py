@@ -13,6 +13,13 @@ name, so dropping stderr from the committed notebooks would make every cell with
 bar fail ("Unexpected output fields: stderr"); keeping it also means an unexpected new warning
 shows up as a test failure instead of passing silently.
 
+Where outputs were made: CPU results depend on the machine's floating-point kernels (vector width, oneDNN's
+blocking for its caches), and a few hundred training iterations amplify a last-bit difference into a visible
+one (notebook 02's quick baselines moved by up to two points between an AMD EPYC and an Intel Xeon with the
+same threads and seeds). :func:`stamp` records :func:`machine_signature` in the notebook's metadata when
+``make notebooks`` writes it back; ``tests/nbval_tolerance.py`` compares exactly on that machine and with a
+numeric tolerance on any other.
+
 Command line: ``python -m ddlib.nbtools strip FILE.ipynb ...`` rewrites notebooks in place
 (handy after saving from Jupyter).
 """
@@ -20,7 +27,10 @@ Command line: ``python -m ddlib.nbtools strip FILE.ipynb ...`` rewrites notebook
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
+from importlib import metadata
 from pathlib import Path
 
 import nbformat
@@ -29,6 +39,7 @@ KERNEL_NAME = "ddlab"
 KERNEL_DISPLAY_NAME = "Python (ddlab)"
 INJECTED_TAG = "injected-parameters"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+STAMP_KEY = "ddlab"  # notebook metadata: {"outputs_made_on": machine_signature()}
 
 # The same carriage-return / backspace rules nbval applies before comparing streams.
 _CARRIAGE_RETURN = re.compile(r"^.*\r(?=[^\n])", re.MULTILINE)
@@ -38,6 +49,41 @@ _BACKSPACE = re.compile(r"[^\n]\x08")
 def kernelspec() -> dict:
     """The kernelspec every committed notebook carries (registered by ``make kernel``)."""
     return {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY_NAME, "language": "python"}
+
+
+def machine_signature() -> str:
+    """What decides the last bits of a CPU run: the processor (vendor, family, model, stepping, the cache size
+    oneDNN blocks its kernels for), the torch release and the intra-op thread count (``OMP_NUM_THREADS``; the
+    Makefile pins it)."""
+    cpu = f"{platform.machine()} {platform.processor()}".strip()
+    try:
+        fields = {}
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        cpu = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+               f"stepping {fields.get('stepping', '?')}, cache {fields.get('cache size', '?')} ({fields.get('model name', '?')})")
+    except OSError:
+        pass
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "none"
+    return f"{cpu}; torch {torch_version}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+def stamp(nb, signature: str | None = None):
+    """Record in ``nb``'s metadata the machine its outputs were made on (module docstring)."""
+    nb.metadata[STAMP_KEY] = {"outputs_made_on": signature or machine_signature()}
+    return nb
+
+
+def made_on(nb) -> str | None:
+    """The machine signature a notebook's outputs were stamped with, or None (unstamped)."""
+    return nb.metadata.get(STAMP_KEY, {}).get("outputs_made_on")
 
 
 def collapse_redraws(text: str) -> str:

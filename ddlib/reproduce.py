@@ -300,11 +300,12 @@ def run_job(job: Job, kernel_name: str, cwd: Path, log_output: bool = False,
 
 
 def write_back(job: Job) -> Path:
-    """Copy the stripped executed notebook over its source (defaults only, no injected cell)."""
+    """Copy the stripped executed notebook over its source (defaults only, no injected cell), stamped with
+    the machine its outputs were made on (:func:`ddlib.nbtools.stamp`)."""
     if job.parameters:
         raise ReproduceError(f"{job.notebook.name}: not written back, parameters were injected: {job.parameters}")
     nb = nbformat.read(job.output, as_version=4)
-    nbtools.strip_injected_parameters(nbtools.strip_volatile(nb))
+    nbtools.stamp(nbtools.strip_injected_parameters(nbtools.strip_volatile(nb)))
     tmp = job.notebook.path.with_suffix(".ipynb.tmp")
     nbformat.write(nb, tmp)
     shutil.move(tmp, job.notebook.path)

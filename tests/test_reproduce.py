@@ -10,7 +10,7 @@ import sys
 import nbformat
 import pytest
 
-from ddlib import readme, reproduce
+from ddlib import nbtools, readme, reproduce
 from ddlib.reproduce import ReproduceError
 from ddlib.results import repo_root, write_summary_rows
 
@@ -115,6 +115,7 @@ def test_failing_notebook_does_not_stop_the_batch(project):
     assert written.cells[1].metadata["tags"] == ["nbval-ignore-output"]
     assert written.cells[0].metadata["tags"] == ["parameters"]
     assert written.metadata["kernelspec"]["name"] == "ddlab"
+    assert nbtools.made_on(written) == nbtools.machine_signature()  # nbval compares exactly only on this machine
     assert not nbformat.read(project.notebooks / "01_broken.ipynb", as_version=4).cells[1].outputs
 
 
