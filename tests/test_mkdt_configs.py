@@ -21,8 +21,8 @@ FILES = sorted(CONFIGS.glob("*.yaml"))
 # Shrinks a run to seconds without changing its code path (the file's own values stay otherwise).
 TINY = {"teacher_epochs": 1, "teacher_batch": 32, "projector_dims": [16, 16], "num_experts": 1,
         "expert_train_epochs": 3, "batch_train": 32, "syn_steps": 2, "iterations": 2, "batch_syn": 0,
-        "pretrain_epochs": 1, "eval_seeds": [0], "label_draws": 1, "probe_steps": 5, "variance_batches": 2,
-        "variance_batch_sizes": [8], "check_claims": False, "net_width": 4, "teacher_width": 4,
+        "pretrain_epochs": 1, "eval_seeds": [0], "transfer_seeds": [0], "label_draws": 1, "probe_steps": 5,
+        "variance_batches": 2, "variance_batch_sizes": [8], "check_claims": False, "net_width": 4, "teacher_width": 4,
         "train_limit": 40, "test_limit": 20}
 
 
@@ -31,7 +31,9 @@ def _write_data(dataset: str, root):
         return write_cifar10(root)  # 15 train images per class, 2 test
     if dataset == "cifar100":
         return write_cifar100(root, train=200, test=100)
-    return write_mnist(root)
+    if dataset == "mnist":
+        return write_mnist(root)
+    return root  # digits: embedded
 
 
 def _notebook() -> reproduce.Notebook:
@@ -72,7 +74,11 @@ EXECUTED = ("paper_cifar10_2pct", "paper_cifar100_2pct", "cpu_mnist")
 def test_config_runs_on_tiny_generated_data(stem, tmp_path, monkeypatch):
     nb = _notebook()
     values = yaml.safe_load((CONFIGS / f"{stem}.yaml").read_text())
-    root = _write_data(values["dataset"], tmp_path / "data")
+    root = tmp_path / "data"
+    for name in (values["dataset"], values["transfer"]):  # the transfer probe's dataset is read too
+        _write_data(name, root)
     overrides = {**values, **TINY, "data_root": str(root)}
     rows = run_config(nb, NUMBER, stem, overrides, tmp_path, monkeypatch)
     assert values["dataset"] in rows and "mkdt" in rows and "random_subset" in rows and "full_kd" in rows
+    transfer_rows = [r for r in rows.splitlines() if f"{values['dataset']}->" in r]
+    assert len(transfer_rows) == 5 * len(values["label_fractions"])  # mkdt, highloss, random, none, full_kd
