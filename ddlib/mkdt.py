@@ -234,32 +234,60 @@ class ProbeResults:
         return f"{r.mean:.{digits}f} +- {r.std:.{digits}f}"
 
 
-def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], nn.Module], x_train: Tensor,
-                         y_train: Tensor, x_test: Tensor, y_test: Tensor, label_fractions: Sequence[float],
-                         seeds: Sequence[int], *, epochs: int = 20, batch_size: int = 256, weight_decay: float = 1e-4,
-                         probe_steps: int = 300, label_draws: int = 1) -> dict[str, ProbeResults]:
+@dataclass
+class ProbeSet:
+    """Labelled data for the linear probe (the training set itself, or a transfer dataset of the same input
+    shape) and the evaluation seeds, i.e. encoders, to probe it on."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    seeds: Sequence[int]
+
+
+def evaluate_pretraining_on(runs: Sequence[Pretraining], make_model: Callable[[], nn.Module],
+                            probe_sets: Sequence[ProbeSet], label_fractions: Sequence[float], *, epochs: int = 20,
+                            batch_size: int = 256, weight_decay: float = 1e-4, probe_steps: int = 300,
+                            label_draws: int = 1) -> list[dict[str, ProbeResults]]:
     """For every seed and run: a fresh encoder (``make_model()`` right after ``torch.manual_seed(seed)``, so
     every run starts from the same weights) pre-trained on the run's set, then a linear probe per label
-    fraction (the same ``label_draws`` labelled subsets of each seed for every run, accuracy averaged over
-    them). Mean and std over seeds: the comparison between runs is paired by seed."""
+    fraction on every probe set that lists the seed (the same ``label_draws`` labelled subsets of each seed for
+    every run, accuracy averaged over them). Each encoder is pre-trained once however many sets probe it: a
+    transfer probe reads the very encoders of the main evaluation. Mean and std over seeds, paired by seed
+    between runs. Returns one ``{run name: ProbeResults}`` per probe set, in order."""
     fractions = [check_fraction("label_fraction", f) for f in label_fractions]
-    if not seeds:
-        raise ValueError("evaluate_pretraining needs at least one seed")
+    if not probe_sets or any(not p.seeds for p in probe_sets):
+        raise ValueError("evaluate_pretraining needs at least one probe set, each with at least one seed")
     if label_draws < 1:
         raise ValueError(f"label_draws={label_draws} must be >= 1")
-    out = {r.name: ProbeResults({f: EvalResult() for f in fractions}) for r in runs}
+    out = [{r.name: ProbeResults({f: EvalResult() for f in fractions}) for r in runs} for _ in probe_sets]
+    seeds = list(dict.fromkeys(s for p in probe_sets for s in p.seeds))  # every seed once, in first-listed order
+    device = probe_sets[0].x_train.device
     for seed in seeds:
         for r in runs:
             torch.manual_seed(seed)
-            model = make_model().to(x_train.device)
+            model = make_model().to(device)
             if r.x is not None:
                 pretrain(model, r.x, r.targets, epochs=epochs, lr=float(r.lr), batch_size=r.batch_size or batch_size,
                          weight_decay=weight_decay, generator=torch.Generator().manual_seed(seed + 17))
-            f_train, f_test = features(model, x_train), features(model, x_test)
-            for f in fractions:
-                out[r.name].accs[f].accs.append(probe_accuracy(f_train, y_train, f_test, y_test, f, seed,
-                                                               label_draws=label_draws, steps=probe_steps))
+            for p, results in zip(probe_sets, out):
+                if seed not in p.seeds:
+                    continue
+                f_train, f_test = features(model, p.x_train), features(model, p.x_test)
+                for f in fractions:
+                    results[r.name].accs[f].accs.append(probe_accuracy(f_train, p.y_train, f_test, p.y_test, f, seed,
+                                                                       label_draws=label_draws, steps=probe_steps))
     return out
+
+
+def evaluate_pretraining(runs: Sequence[Pretraining], make_model: Callable[[], nn.Module], x_train: Tensor,
+                         y_train: Tensor, x_test: Tensor, y_test: Tensor, label_fractions: Sequence[float],
+                         seeds: Sequence[int], **kwargs) -> dict[str, ProbeResults]:
+    """:func:`evaluate_pretraining_on` with the one probe set (x_train, y_train, x_test, y_test) on ``seeds``."""
+    return evaluate_pretraining_on(runs, make_model, [ProbeSet("main", x_train, y_train, x_test, y_test, seeds)],
+                                   label_fractions, **kwargs)[0]
 
 
 def trajectory_probe(model: nn.Module, buffer: buffers.ExpertBuffer, x_train: Tensor, y_train: Tensor,

@@ -146,6 +146,32 @@ def test_linear_probe_and_evaluation_protocol(setup):
         mkdt.evaluate_pretraining(runs, make, x, y, x, y, [0.0], [0])
 
 
+def test_transfer_probes_reuse_the_main_evaluations_encoders(setup, monkeypatch):
+    x, y, reps, teacher = setup["x"], setup["y"], setup["reps"], setup["teacher"]
+
+    def make():
+        return build("convnet", (1, 8, 8), teacher.width, **setup["kw"])
+
+    other_x = x.flip(-1)  # another dataset of the same shape and labels
+    runs = [mkdt.Pretraining("none"), mkdt.Pretraining("subset", x[:8], reps[:8], 0.01)]
+    kw = dict(epochs=2, batch_size=4, probe_steps=20)
+    # independent computation: one evaluation per dataset, each pre-training its own encoders
+    main = mkdt.evaluate_pretraining(runs, make, x, y, x, y, [0.5], [0, 1, 2], **kw)
+    transfer = mkdt.evaluate_pretraining(runs, make, other_x, y, other_x, y, [0.5], [1, 2], **kw)
+    calls = []
+    real_pretrain = mkdt.pretrain
+    monkeypatch.setattr(mkdt, "pretrain", lambda *a, **k: calls.append(1) or real_pretrain(*a, **k))
+    both = mkdt.evaluate_pretraining_on(runs, make, [mkdt.ProbeSet("main", x, y, x, y, [0, 1, 2]),
+                                                     mkdt.ProbeSet("flipped", other_x, y, other_x, y, [1, 2])],
+                                        [0.5], **kw)
+    assert len(calls) == 3  # one pre-training per seed for the one run that pre-trains, shared by both probes
+    for name in ("none", "subset"):
+        assert both[0][name].accs[0.5].accs == main[name].accs[0.5].accs
+        assert both[1][name].accs[0.5].accs == transfer[name].accs[0.5].accs
+    with pytest.raises(ValueError, match="seed"):
+        mkdt.evaluate_pretraining_on(runs, make, [mkdt.ProbeSet("main", x, y, x, y, [])], [0.5])
+
+
 def test_label_draws_average_the_probe_over_labelled_subsets(setup):
     x, y = setup["x"], setup["y"]
     g = torch.Generator().manual_seed(1)
