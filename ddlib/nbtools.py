@@ -64,8 +64,9 @@ def machine_signature() -> str:
                     break  # the first processor's block is enough
                 key, _, value = line.partition(":")
                 fields[key.strip()] = value.strip()
-        cpu = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
-               f"stepping {fields.get('stepping', '?')}, cache {fields.get('cache size', '?')} ({fields.get('model name', '?')})")
+        cpu = (f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} "
+               f"model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}, "
+               f"cache {fields.get('cache size', '?')} ({fields.get('model name', '?')})")
     except OSError:
         pass
     try:
@@ -123,13 +124,15 @@ def strip_volatile(nb):
     """Remove run-specific metadata from ``nb`` in place and return it.
 
     Removed: notebook- and cell-level ``papermill`` metadata, cell ``execution`` timestamps,
-    ``widgets`` state, widget outputs, empty ``tags`` lists. Normalised: ``kernelspec`` (to
+    ``widgets`` state, widget outputs, empty ``tags`` lists, the machine stamp (only ``make notebooks``
+    vouches for where the outputs were made, and stamps them again after stripping). Normalised: ``kernelspec`` (to
     the project kernel), stream outputs (merged, progress-bar redraws collapsed). Kept: cell
     tags (``parameters``, ``injected-parameters``, ``nbval-ignore-output``, ...), outputs,
     execution counts (nbval skips the comparison for cells without one).
     """
     nb.metadata.pop("papermill", None)
     nb.metadata.pop("widgets", None)
+    nb.metadata.pop(STAMP_KEY, None)
     nb.metadata["kernelspec"] = kernelspec()
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
