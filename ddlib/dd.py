@@ -199,7 +199,8 @@ class DistillLog:
     """Per-iteration outer loss (a tensor, synced once at the end) and wall time.
 
     ``seconds`` is the distillation's whole wall time, including the runs it resumed from
-    (``resumed_seconds`` of it, up to iteration ``resumed_from``).
+    (``resumed_seconds`` of it, up to iteration ``resumed_from``); NaN when it resumed from a
+    checkpoint that did not record its wall time.
     """
 
     losses: list = field(default_factory=list)
@@ -356,7 +357,9 @@ def _load_checkpoint(path: Path, x_syn, raw_lrs, opt, sched, generator, log: Dis
     if generator is not None and "generator" in t:
         generator.set_state(t["generator"])
     log.losses = list(t["losses"].to(x_syn.device).unbind()) if t["losses"].numel() else []
-    log.seconds = log.resumed_seconds = float(meta.get("seconds", 0.0))
+    # a checkpoint written before wall times were stored: the total is unknown (NaN, an empty
+    # `seconds` cell in summary.csv), never the few seconds of the resumed part alone
+    log.seconds = log.resumed_seconds = float(meta.get("seconds", "nan"))
     log.resumed_from = int(meta["iteration"])
     return log.resumed_from
 

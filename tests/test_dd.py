@@ -1,7 +1,11 @@
 """Dataset Distillation (ddlib.dd) and its baselines (ddlib.coreset) on tiny problems."""
 
+import math
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddlib import coreset, dd
@@ -80,6 +84,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert log.final_outer_lr == ref_log.final_outer_lr == pytest.approx(cfg.outer_lr * 0.5 ** 4)
     # the wall time covers the interrupted part too (what the notebooks report as `seconds`)
     assert 0 < log.resumed_seconds < log.seconds
+
+    # a checkpoint without a recorded wall time: the total is unknown, not just the resumed part
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "seconds"}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    _, log = run(path=path)
+    assert math.isnan(log.seconds) and math.isnan(log.resumed_seconds)
 
 
 def test_nan_loss_names_the_lr_and_keeps_the_last_good_set(tmp_path):
