@@ -288,7 +288,7 @@ def _load_checkpoint(path: Path, learned, optimisers, generator, log: MTTLog) ->
     log.lrs = t["log.lrs"].tolist()
     log.starts = [int(s) for s in t["log.starts"].tolist()]
     log.evals = [tuple(e) for e in json.loads(meta.get("evals", "[]"))]
-    log.seconds = log.resumed_seconds = float(meta.get("seconds", 0.0))
+    log.seconds = log.resumed_seconds = float(meta.get("seconds", "nan"))  # unknown, as in dd._load_checkpoint
     log.resumed_from = int(meta["iteration"])
     return log.resumed_from
 
