@@ -22,7 +22,7 @@ CONFIG ?=
 # make test never touches the committed results/
 TEST_RESULTS := $(CURDIR)/.pytest_results
 # tests/nbval_tolerance.py: exact comparison on the machine that made the outputs, a numeric tolerance elsewhere
-NBVAL_FLAGS  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -p nbval_tolerance
+NBVAL_FLAGS  := --durations=12 --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -p nbval_tolerance
 
 .PHONY: help env reproduce readme test test-unit test-notebooks kernel lab notebooks bench clean distclean
 
@@ -93,7 +93,7 @@ test: test-unit test-notebooks
 
 test-unit: $(STAMP)
 	rm -rf "$(TEST_RESULTS)"
-	DDLIB_RESULTS="$(TEST_RESULTS)" $(PY) -m pytest tests
+	DDLIB_RESULTS="$(TEST_RESULTS)" $(PY) -m pytest --durations=12 tests
 
 # Notebooks whose outputs have not been committed yet (`make notebooks ONLY=NN` at the reference
 # thread count makes them): nbval would have nothing to compare. List them here until their outputs are in.
