@@ -65,7 +65,7 @@ SETUPS = {
 }
 # The memory benchmark evaluates the real-data loss in chunks (DDConfig.real_chunk, the same gradient)
 # in both modes, so that what it compares is the unroll and not the real batch's activations.
-REAL_CHUNK = {"lenet": 128, "convnet": 32}
+REAL_CHUNK = {"lenet": 32, "convnet": 32}
 PAPER_ITERS = 400 * 59  # the paper's MNIST schedule: 400 epochs of 59 iterations
 
 

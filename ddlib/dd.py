@@ -252,12 +252,12 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
     for it in iterator:
         opt.zero_grad(set_to_none=True)
         idx = torch.randint(n_real, (min(cfg.real_batch, n_real),), generator=generator).to(device)
-        xb, yb = x_real[idx], y_real[idx]
         total = 0.0
         for k in range(cfg.nets_per_iter):  # gradients of the nets accumulate in .grad
             theta0 = sample_init(it * cfg.nets_per_iter + k)
             theta_T = unroll(model, theta0, x_syn, y_syn, F.softplus(raw_lrs), batches, mode=cfg.unroll_mode)
-            total = total + _outer_backward(model, theta_T, xb, yb, outer_loss, cfg.real_chunk, 1 / cfg.nets_per_iter)
+            total = total + _outer_backward(model, theta_T, x_real, y_real, idx, outer_loss, cfg.real_chunk,
+                                            1 / cfg.nets_per_iter)
         log.losses.append(total)
         # A host sync every 50 iterations is enough to catch divergence without slowing the loop.
         if it % 50 == 0 or it == cfg.outer_iters - 1:
@@ -280,23 +280,25 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
     return result, log
 
 
-def _outer_backward(model, theta_T, xb, yb, outer_loss, chunk: int, scale: float = 1.0) -> Tensor:
-    """Back-propagate ``scale`` x the real-data loss of theta_T to the distilled set (scale: 1 / nets).
+def _outer_backward(model, theta_T, x_real, y_real, idx, outer_loss, chunk: int, scale: float = 1.0) -> Tensor:
+    """Back-propagate ``scale`` x the real-data loss of theta_T on ``x_real[idx]`` to the distilled set
+    (scale: 1 / nets).
 
-    With ``chunk`` the loss is evaluated on slices of the real batch: the gradient with respect to
-    theta_T is accumulated slice by slice on a detached copy, then pushed through the unroll once.
-    For a loss that is a mean over examples this is the same gradient with the real batch's
-    activation memory cut to one slice. Returns the scaled loss value (detached).
+    With ``chunk`` the loss is evaluated on slices of the real batch, each gathered only when it is
+    used: the gradient with respect to theta_T is accumulated slice by slice on a detached copy, then
+    pushed through the unroll once. For a loss that is a mean over examples this is the same gradient
+    with the real batch's memory (its pixels and activations) cut to one slice. Returns the scaled
+    loss value (detached).
     """
-    if not chunk or chunk >= xb.shape[0]:
-        loss = outer_loss(model, theta_T, xb, yb) * scale
+    if not chunk or chunk >= idx.shape[0]:
+        loss = outer_loss(model, theta_T, x_real[idx], y_real[idx]) * scale
         loss.backward()
         return loss.detach()
     leaves = {k: v.detach().requires_grad_(True) for k, v in theta_T.items()}
-    total = torch.zeros((), device=xb.device)
-    for start in range(0, xb.shape[0], chunk):
-        xs, ys = xb[start:start + chunk], yb[start:start + chunk]
-        part = outer_loss(model, leaves, xs, ys) * (scale * xs.shape[0] / xb.shape[0])
+    total = torch.zeros((), device=x_real.device)
+    for part_idx in idx.split(chunk):
+        weight = scale * part_idx.shape[0] / idx.shape[0]  # slice means -> the whole batch's mean
+        part = outer_loss(model, leaves, x_real[part_idx], y_real[part_idx]) * weight
         part.backward()
         total = total + part.detach()
     torch.autograd.backward(list(theta_T.values()), [leaves[k].grad for k in theta_T])
