@@ -203,11 +203,20 @@ def output_path(results_dir: Path, scale: str, notebook: Notebook, tag: str | No
     return results_dir / scale / f"{name}.ipynb"
 
 
+def _names_config(config: str, path: Path) -> bool:
+    """Whether ``--config`` names this file: its stem (``paper_fixed_init``), its file name, or its path."""
+    if config in (path.stem, path.name):
+        return True
+    given = Path(config)
+    return given.suffix in (".yaml", ".yml") and given.exists() and given.resolve() == path.resolve()
+
+
 def plan(notebooks: list[Notebook], scale: str, configs_dir: Path, results_dir: Path,
          device: str = "auto", config: str | None = None) -> tuple[list[Job], list[str]]:
     """Build (and validate) every run of the batch; return ``(jobs, notes)``. Runs nothing.
 
-    ``config`` (a file stem such as ``paper_fixed_init``) restricts a paper-scale batch to that file.
+    ``config`` (a file stem such as ``paper_fixed_init``, or that file's name or path) restricts a
+    paper-scale batch to that file.
     """
     check_scale(scale)
     jobs: list[Job] = []
@@ -226,7 +235,7 @@ def plan(notebooks: list[Notebook], scale: str, configs_dir: Path, results_dir: 
             continue
         files = config_files(configs_dir, nb)
         if config:
-            files = [f for f in files if f.stem == config]
+            files = [f for f in files if _names_config(config, f)]
         if not files:
             notes.append(f"{nb.name}: no {scale}-scale configs in {configs_dir / nb.number}/, skipped")
             continue
@@ -398,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="quick", help=f"one of {', '.join(SCALES)} (default quick)")
     p.add_argument("--only", default="", help="notebook numbers, e.g. 01 or 01,02 (default: all)")
     p.add_argument("--device", default="auto", help="passed as the `device` parameter unless auto")
-    p.add_argument("--config", default="", help="paper scale: run only configs/NN/<CONFIG>.yaml (a file stem)")
+    p.add_argument("--config", default="", help="paper scale: run only configs/NN/<CONFIG>.yaml (its stem, file name or path)")
     p.add_argument("--write-back", action="store_true",
                    help="copy each stripped executed notebook over notebooks/ (quick scale, defaults only)")
     p.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")

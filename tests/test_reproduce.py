@@ -200,7 +200,7 @@ def test_every_parameter_of_the_real_notebooks_is_visible_to_papermill():
 
 
 def test_config_filter_selects_one_paper_file(tmp_path):
-    from ddlib.reproduce import ReproduceError, reproduce
+    from ddlib.reproduce import ReproduceError, discover_notebooks, plan, reproduce
 
     nb_dir, cfg_dir = tmp_path / "notebooks", tmp_path / "configs"
     nb_dir.mkdir()
@@ -218,3 +218,11 @@ def test_config_filter_selects_one_paper_file(tmp_path):
         reproduce("paper", None, config="paper_b", notebooks_dir=nb_dir, configs_dir=cfg_dir, results_dir=tmp_path / "r")
     with pytest.raises(ReproduceError, match="quick mode"):
         reproduce("quick", None, config="paper_a", notebooks_dir=nb_dir, configs_dir=cfg_dir, results_dir=tmp_path / "r")
+    # the stem, the file name and the path (as typed from the checkout, e.g. configs/01/paper_a.yaml) all name it
+    (cfg_dir / "01" / "paper_b2.yaml").write_text("alpha: 3\n")
+    for given in ("paper_a", "paper_a.yaml", str(cfg_dir / "01" / "paper_a.yaml")):
+        jobs, _ = plan(discover_notebooks(nb_dir), "paper", cfg_dir, tmp_path / "r", config=given)
+        assert [j.tag for j in jobs] == ["paper_a"], given
+    (tmp_path / "paper_a.yaml").write_text("alpha: 4\n")
+    jobs, _ = plan(discover_notebooks(nb_dir), "paper", cfg_dir, tmp_path / "r", config=str(tmp_path / "paper_a.yaml"))
+    assert jobs == []  # a path elsewhere is not that file, even with the same name
