@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .checkpoints import refuse_longer_checkpoint
 from .train import EvalResult, accuracy, evaluate_protocol
 from .unroll import MODES, dd_schedule, init_params, unroll
 
@@ -241,6 +242,7 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
         start = _load_checkpoint(ckpt, x_syn, raw_lrs, opt, sched, generator, log)
+        refuse_longer_checkpoint(ckpt, start, cfg.outer_iters, "outer_iters")
     n_real = x_real.shape[0]
     last_good = (x_syn.detach().clone(), raw_lrs.detach().clone(), start)
 
@@ -273,7 +275,7 @@ def distill(model: nn.Module, sample_init: InitSampler, x_real: Tensor, y_real: 
     log.final_outer_lr = opt.param_groups[0]["lr"]
     if log.losses and not torch.isfinite(log.losses[-1]):
         _fail_nonfinite(cfg.outer_iters - 1, cfg, last_good, y_syn, distilled, ckpt, opt, sched, generator, log)
-    if ckpt is not None and cfg.checkpoint_every:
+    if ckpt is not None and cfg.checkpoint_every and start < cfg.outer_iters:  # a finished checkpoint stays as it is
         _save_checkpoint(ckpt, x_syn, raw_lrs, opt, sched, generator, cfg.outer_iters, log)
     result = DistilledSet(x_syn.detach(), y_syn, raw_lrs.detach(), distilled.distill_steps, distilled.distill_epochs,
                           {**distilled.meta, **asdict(cfg)})

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .alloc import heap_reuse
 from .buffers import ExpertBuffer
+from .checkpoints import refuse_longer_checkpoint
 from .train import EvalResult, evaluate_protocol, soft_cross_entropy, train_classifier
 from .unroll import MODES, Transform, minibatch_schedule, unroll
 
@@ -179,6 +180,8 @@ def distill(model: nn.Module, buffer: ExpertBuffer, x_init: Tensor, y_init: Tens
     log = MTTLog()
     ckpt = Path(checkpoint) if checkpoint else None
     start = _load_checkpoint(ckpt, learned, optimisers, generator, log) if ckpt and ckpt.exists() else 0
+    if start:
+        refuse_longer_checkpoint(ckpt, start, cfg.iterations, "iterations")
     last_good = _snapshot(learned, start)
     n_syn = x_syn.shape[0]
     batch = cfg.batch_syn or None
@@ -223,7 +226,7 @@ def distill(model: nn.Module, buffer: ExpertBuffer, x_init: Tensor, y_init: Tens
             if ckpt is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                 _save_checkpoint(ckpt, learned, optimisers, generator, done, log, log.seconds + time.perf_counter() - t0)
     log.seconds += time.perf_counter() - t0
-    if ckpt is not None and cfg.checkpoint_every:
+    if ckpt is not None and cfg.checkpoint_every and start < cfg.iterations:  # a finished checkpoint stays as it is
         _save_checkpoint(ckpt, learned, optimisers, generator, cfg.iterations, log, log.seconds)
     result = _current(learned, cfg)
     if evaluate is not None and (not log.evals or log.evals[-1][0] != cfg.iterations):

@@ -93,6 +93,25 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert math.isnan(log.seconds) and math.isnan(log.resumed_seconds)
 
 
+def test_a_finished_checkpoint_is_reused_unchanged_and_a_longer_one_refused(tmp_path):
+    x, y = _blobs()
+    path = tmp_path / "ckpt.safetensors"
+
+    def run(iters):
+        net = _mlp()
+        return dd.distill(net, dd.fixed_init(net), x, y, _cfg(outer_iters=iters, checkpoint_every=4), 3,
+                          generator=torch.Generator().manual_seed(0), checkpoint=path, progress=False)
+
+    first, _ = run(8)
+    stored = path.read_bytes()
+    again, log = run(8)  # nothing left to run: the same set, and the file is not rewritten
+    assert log.resumed_from == 8 and torch.equal(again.x, first.x)
+    assert path.read_bytes() == stored
+    with pytest.raises(ValueError, match="more than outer_iters=5"):
+        run(5)  # the checkpoint is 3 iterations past what is asked for
+    assert path.read_bytes() == stored
+
+
 def test_nan_loss_names_the_lr_and_keeps_the_last_good_set(tmp_path):
     x, y = _blobs()
     net = _mlp()

@@ -91,6 +91,18 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(setup, tmp_path):
     assert log.evals[0][0] == 4            # the evaluation before the interruption is kept
 
 
+def test_a_finished_checkpoint_is_reused_unchanged_and_a_longer_one_refused(setup, tmp_path):
+    path = tmp_path / "mtt.safetensors"
+    first, _ = _run(setup, _cfg(iterations=6, checkpoint_every=3), checkpoint=path)
+    stored = path.read_bytes()
+    again, log = _run(setup, _cfg(iterations=6, checkpoint_every=3), checkpoint=path)
+    assert log.resumed_from == 6 and torch.equal(again.x, first.x)
+    assert path.read_bytes() == stored
+    with pytest.raises(ValueError, match="more than iterations=4"):
+        _run(setup, _cfg(iterations=4, checkpoint_every=3), checkpoint=path)
+    assert path.read_bytes() == stored
+
+
 def test_learned_soft_labels_move(setup):
     x, y, spec, buf = setup
     cfg = _cfg(iterations=5, lr_label=5.0)
