@@ -187,6 +187,8 @@ def test_label_draws_average_the_probe_over_labelled_subsets(setup):
         sum(manual) / 3, abs=1e-12)
     with pytest.raises(ValueError, match="label_draws"):
         mkdt.probe_accuracy(f_train, y, f_test, y, 0.1, seed=2, label_draws=0)
+    with pytest.raises(ValueError, match=r"\(P, n, d\)"):
+        mkdt.linear_probes(f_train, y, f_test, y, 4)  # one set must be given as a batch of one
 
 
 def test_trajectory_probe_reads_each_expert_checkpoint(setup):
