@@ -407,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="quick", help=f"one of {', '.join(SCALES)} (default quick)")
     p.add_argument("--only", default="", help="notebook numbers, e.g. 01 or 01,02 (default: all)")
     p.add_argument("--device", default="auto", help="passed as the `device` parameter unless auto")
-    p.add_argument("--config", default="", help="paper scale: run only configs/NN/<CONFIG>.yaml (its stem, file name or path)")
+    p.add_argument("--config", default="",
+                   help="paper scale: run only configs/NN/<CONFIG>.yaml (its stem, file name or path)")
     p.add_argument("--write-back", action="store_true",
                    help="copy each stripped executed notebook over notebooks/ (quick scale, defaults only)")
     p.add_argument("--log-output", action="store_true", help="stream cell outputs to the terminal")
