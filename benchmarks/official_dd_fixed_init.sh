@@ -10,7 +10,8 @@
 # DATA_ROOT holds MNIST/raw/ (default: $DDLIB_DATA, else ./data). CHECKOUT is a clone of the official
 # repository (default: .official/dataset-distillation, cloned when missing; needs the network once).
 # About 52-56 min per seed on 2 cores (0.13-0.14 s per outer iteration). Its output files go to
-# CHECKOUT/results_seed$SEED/, its log to CHECKOUT/results_seed$SEED.log; the last lines printed are its test accuracy before and after the steps.
+# CHECKOUT/results_seed$SEED/, its log to CHECKOUT/results_seed$SEED.log; the last two lines printed
+# are its test accuracy before and after the steps.
 # EPOCHS=1 makes a one-minute smoke run.
 set -euo pipefail
 
